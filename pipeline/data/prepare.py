@@ -1,0 +1,129 @@
+"""Turn one raw dataset into prepared manifests (Parquet) and a report.
+
+MNER datasets give ``samples.parquet``; retrieval datasets give ``captions.parquet``,
+``gallery.parquet`` and ``meta.json``; both give ``images.parquet`` (one row per distinct
+image: id, path relative to the project root, load status) and ``report.json``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline.artifacts import fingerprint, package_versions, write_json, write_parquet
+from pipeline.data.agree import read_agree
+from pipeline.data.conll import read_conll
+from pipeline.data.images import ImagePolicy, ImageReport, is_fallback_status, load_image
+from pipeline.paths import PathEscapeError, project_path, project_root, safe_join
+
+SPLITS = ("train", "valid", "test")
+
+
+def _display_path(p: Path) -> str:
+    """Path relative to the project root when it lies inside it, else absolute."""
+    root = project_root()
+    try:
+        return str(p.resolve().relative_to(root))
+    except ValueError:
+        return str(p.resolve())
+
+
+def image_rows(refs: Mapping[str, tuple[str | os.PathLike, str]], policy: ImagePolicy) -> tuple[list[dict], ImageReport]:
+    """Resolve and check every image. ``refs``: image_id -> (base folder, path relative to it)."""
+    rows, report = [], ImageReport()
+    for image_id in tqdm(sorted(refs), desc="checking images", unit="img", leave=False):
+        base, rel = refs[image_id]
+        try:
+            path = safe_join(base, rel, what=f"image {image_id!r}")
+        except PathEscapeError:
+            status, shown = "refused", ""
+        else:
+            status, shown = load_image(path, policy).status, _display_path(path)
+        report.add(image_id, status)
+        rows.append({"image_id": image_id, "path": shown, "status": status,
+                     "is_fallback": is_fallback_status(status)})
+    return rows, report
+
+
+def _provenance(ds_name: str, ds: Mapping, policy: ImagePolicy) -> dict:
+    return {"stage": "prepare", "dataset": ds_name, "params": {"dataset": dict(ds), "images": policy.__dict__},
+            "packages": package_versions("pyarrow", "pillow")}
+
+
+def prepare_mner(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> dict:
+    """Read the split files of an MNER dataset and write its manifests under ``out``."""
+    root = project_path(ds["dir"])
+    fmt = ds["format"]
+    rows, skipped, counts = [], {}, {}
+    for split in SPLITS:
+        if split not in ds["splits"]:
+            raise KeyError(f"params.yaml: datasets.{ds_name}.splits has no {split!r} file")
+        res = read_conll(root / ds["splits"][split], fmt=fmt, other_tag=ds["other_tag"], on_bad_line=ds["on_bad_line"])
+        skipped[split] = res.skipped
+        counts[split] = res.counts
+        for i, s in enumerate(res.samples):
+            rows.append({"split": split, "sample_id": f"{split}-{i:06d}", "image_id": s.image_id,
+                         "tokens": s.tokens, "tags": s.tags, "line": s.line})
+    # twitter: IMGID is an id under <dir>/<images>; newsmkg: a path relative to <dir> (+ .jpg)
+    base = root / ds["images"] if fmt == "twitter" else root
+    refs = {r["image_id"]: (base, r["image_id"] + ".jpg") for r in rows}
+    images, img_report = image_rows(refs, policy)
+    prov = _provenance(ds_name, ds, policy)
+    samples = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("split", pa.string()), ("sample_id", pa.string()), ("image_id", pa.string()),
+        ("tokens", pa.list_(pa.string())), ("tags", pa.list_(pa.string())), ("line", pa.int64())]))
+    prov["fingerprint"] = fingerprint(prov["params"], rows)
+    write_parquet(samples, out / "samples.parquet", prov)
+    _write_images(images, out, prov)
+    return {"dataset": ds_name, "kind": "mner", "samples": {s: counts[s] for s in SPLITS},
+            "skipped": skipped, "images": img_report.to_dict()}
+
+
+def prepare_retrieval(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> dict:
+    """Read AGREE's files of a retrieval dataset and write its manifests under ``out``."""
+    root = project_path(ds["dir"])
+    opt = lambda key: root / ds[key] if ds.get(key) else None  # noqa: E731
+    data = read_agree(train=opt("train"), test_texts=opt("test_texts"), test_images=opt("test_images"),
+                      test_entities=opt("test_entities"), on_bad_line=ds["on_bad_line"])
+    refs: dict[str, tuple[Path, str]] = {}
+    for g in data.gallery:
+        # train records name their file ("image"), relative to the dataset folder; test images are <images>/<id>.jpg
+        refs.setdefault(g.image_id, (root, g.file) if g.file else (root / ds["images"], g.image_id + ".jpg"))
+    images, img_report = image_rows(refs, policy)
+    prov = _provenance(ds_name, ds, policy)
+    captions, gallery = data.caption_rows(), data.gallery_rows()
+    prov["fingerprint"] = fingerprint(prov["params"], captions, gallery)
+    write_parquet(pa.Table.from_pylist(captions, schema=pa.schema([
+        ("split", pa.string()), ("caption_id", pa.string()), ("text", pa.string()),
+        ("image_ids", pa.list_(pa.string())), ("entities", pa.list_(pa.string()))])), out / "captions.parquet", prov)
+    write_parquet(pa.Table.from_pylist(gallery, schema=pa.schema([
+        ("split", pa.string()), ("image_id", pa.string()), ("caption_ids", pa.list_(pa.string()))])),
+        out / "gallery.parquet", prov)
+    write_json(out / "meta.json", {"dataset": ds_name, **data.meta()})
+    _write_images(images, out, prov)
+    return {"dataset": ds_name, "kind": "retrieval", **data.report(), "images": img_report.to_dict()}
+
+
+def _write_images(rows: list[dict], out: Path, prov: dict) -> None:
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("image_id", pa.string()), ("path", pa.string()), ("status", pa.string()), ("is_fallback", pa.bool_())]))
+    write_parquet(table, out / "images.parquet", {**prov, "fingerprint": fingerprint(prov["fingerprint"], rows)})
+
+
+def prepare_dataset(ds_name: str, ds: Mapping, images_params: Mapping, out: str | os.PathLike) -> dict[str, Any]:
+    """Prepare one dataset (either kind); writes manifests + report.json, returns the report."""
+    out = project_path(out)
+    policy = ImagePolicy.from_params(images_params)
+    kind = ds["kind"]
+    if kind == "mner":
+        report = prepare_mner(ds_name, ds, policy, out)
+    elif kind == "retrieval":
+        report = prepare_retrieval(ds_name, ds, policy, out)
+    else:
+        raise ValueError(f"params.yaml: datasets.{ds_name}.kind is {kind!r}; expected 'mner' or 'retrieval'")
+    write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,21 @@
+"""DVC stage `prepare@<dataset>`: raw dataset files -> prepared manifests + report."""
+import argparse
+
+from pipeline.data.prepare import prepare_dataset
+from pipeline.params import load_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("dataset", help="a dataset name from params.yaml `datasets`")
+    args = ap.parse_args()
+    params = load_params("prepare", item=args.dataset)
+    ds = params["datasets"][args.dataset]
+    report = prepare_dataset(args.dataset, ds.to_dict(), params["images"].to_dict(), f"data/prepared/{args.dataset}")
+    imgs = report["images"]
+    print(f"prepare {args.dataset}: {imgs['total']} images, {imgs['fallbacks']} fallbacks "
+          f"({', '.join(f'{k}={v}' for k, v in imgs['counts'].items())}) -> data/prepared/{args.dataset}")
+
+
+if __name__ == "__main__":
+    main()

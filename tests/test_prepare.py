@@ -1,0 +1,98 @@
+"""prepare: raw files -> manifests, with image statuses counted and escapes refused."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.artifacts import read_parquet_provenance
+from pipeline.data.prepare import prepare_dataset
+
+IMAGES = {"fallback": "blank", "max_pixels": 10_000_000, "min_side": 4}
+
+
+def _tweets(path, blocks):
+    path.write_text("\n\n".join(blocks), encoding="utf-8")  # no trailing blank line, like Twitter-2015
+
+
+@pytest.fixture
+def mner_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    d = tmp_path / "data" / "tw"
+    (d / "images").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(d / "images" / "1.jpg")
+    Image.new("L", (16, 16), 7).save(d / "images" / "2.jpg")
+    (d / "images" / "3.jpg").write_bytes(b"")
+    _tweets(d / "train.txt", ["IMGID:1\nJordan\tB-PER\nwins\tO", "IMGID:2\nin\tO\nParis\tB-OTHER"])
+    _tweets(d / "valid.txt", ["IMGID:3\nApple\tI-ORG\nrocks\tO"])
+    _tweets(d / "test.txt", ["IMGID:4\nhi\tO", "IMGID:../../secret\nx\tO"])
+    return tmp_path, {"kind": "mner", "format": "twitter", "dir": "data/tw", "images": "images",
+                      "splits": {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"},
+                      "other_tag": "MISC", "on_bad_line": "raise"}
+
+
+def test_prepare_mner_manifests(mner_dir):
+    root, ds = mner_dir
+    report = prepare_dataset("tw", ds, IMAGES, "data/prepared/tw")
+    out = root / "data/prepared/tw"
+    samples = pq.read_table(out / "samples.parquet").to_pylist()
+    assert [s["sample_id"] for s in samples] == ["train-000000", "train-000001", "valid-000000", "test-000000", "test-000001"]
+    assert samples[1]["tags"] == ["O", "B-MISC"]          # OTHER normalised
+    assert samples[2]["tags"] == ["I-ORG", "O"]           # stray I- kept as data
+    assert samples[1]["line"] == 5
+    images = {r["image_id"]: r for r in pq.read_table(out / "images.parquet").to_pylist()}
+    assert images["1"]["status"] == "ok" and images["1"]["path"] == "data/tw/images/1.jpg"
+    assert images["2"]["status"] == "converted_L" and not images["2"]["is_fallback"]
+    assert images["3"]["status"] == "zero_byte" and images["3"]["is_fallback"]
+    assert images["4"]["status"] == "missing"
+    assert images["../../secret"]["status"] == "refused" and images["../../secret"]["path"] == ""
+    assert report["images"]["fallbacks"] == 3
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["images"]["counts"] == {"converted_L": 1, "missing": 1, "ok": 1, "refused": 1, "zero_byte": 1}
+    prov = read_parquet_provenance(out / "samples.parquet")
+    assert prov["dataset"] == "tw" and len(prov["fingerprint"]) == 64
+
+
+def test_prepare_is_deterministic(mner_dir):
+    root, ds = mner_dir
+    prepare_dataset("tw", ds, IMAGES, "a")
+    prepare_dataset("tw", ds, IMAGES, "b")
+    for name in ("samples.parquet", "images.parquet", "report.json"):
+        assert (root / "a" / name).read_bytes() == (root / "b" / name).read_bytes(), name
+
+
+def test_prepare_retrieval_manifests(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    d = tmp_path / "fl"
+    (d / "images").mkdir(parents=True)
+    for i in ("10", "11", "20", "21"):
+        Image.new("RGB", (8, 8)).save(d / "images" / f"{i}.jpg")
+
+    def jl(name, rows):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jl("train.jsonl", [{"image": "images/10.jpg", "caption": "a red car", "image_id": 10, "segs": ["a red car"]},
+                       {"image": "images/11.jpg", "caption": "a dog", "image_id": 11, "segs": ["a dog"]}])
+    jl("t.jsonl", [{"query_id": 1, "query_text": "a man and a dog", "item_ids": [20]},
+                   {"query_id": 2, "query_text": "a tree", "item_ids": [21]}])
+    jl("i.jsonl", [{"image_id": 20, "item_ids": [1]}, {"image_id": 21, "item_ids": [2]}])
+    jl("e.jsonl", [{"query_id": 1, "query_text": "a man and a dog", "items": ["a man", "a dog"]},
+                   {"query_id": 2, "query_text": "a tree", "items": ["a tree"]}])
+    ds = {"kind": "retrieval", "format": "agree", "dir": "fl", "images": "images", "train": "train.jsonl",
+          "test_texts": "t.jsonl", "test_images": "i.jsonl", "test_entities": "e.jsonl", "on_bad_line": "raise"}
+    prepare_dataset("fl", ds, IMAGES, "out")
+    caps = pq.read_table(tmp_path / "out/captions.parquet").to_pylist()
+    test = [c for c in caps if c["split"] == "test"]
+    assert [(c["caption_id"], c["image_ids"], c["entities"]) for c in test] == [
+        ("1", ["20"], ["a man", "a dog"]), ("2", ["21"], ["a tree"])]
+    gallery = pq.read_table(tmp_path / "out/gallery.parquet").to_pylist()
+    assert {(g["split"], g["image_id"]) for g in gallery} == {("train", "10"), ("train", "11"), ("test", "20"), ("test", "21")}
+    images = pq.read_table(tmp_path / "out/images.parquet").to_pylist()
+    assert {r["path"] for r in images} == {f"fl/images/{i}.jpg" for i in ("10", "11", "20", "21")}
+    assert json.loads((tmp_path / "out/meta.json").read_text())["query_id_type"] == "int"
+
+
+def test_unknown_kind_names_the_param(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    with pytest.raises(ValueError, match=r"datasets.x.kind is 'video'"):
+        prepare_dataset("x", {"kind": "video"}, IMAGES, "out")
