@@ -1,0 +1,199 @@
+"""Dataset and collate: one padded MNER batch assembled from the feature caches.
+
+Sources are duck-typed so the model can be trained on plain in-memory data as well:
+  text     ``.get(sample_id) -> (n_kept_words, L, d_t)``, ``.type_prompts -> {type: (L, d_t)}``
+  patches  ``.get(image_id) -> {"pooled" (D,), "patch_tokens" (P, W), "is_fallback"}`` and ``in``
+  regions  ``.get(image_id) -> {"feats" (K, Dr), "boxes" (K, 4), "labels" (K,), "scores" (K,),
+            "mask" (K,), "is_fallback"}`` and ``in``
+(``pipeline.stores.tables.TextFeatures`` and ``pipeline.stores.shards.ShardReader``).
+A branch that the model does not use is never read. Words the text encoder cut off are not
+in the batch; :attr:`MNERDataset.n_kept` lets the caller predict them as ``O``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    image_id: str
+    tokens: list[str]
+    tags: list[str]  # full gold sequence (BIO)
+
+
+def samples_from_table(table: Any, split: str) -> list[Sample]:
+    """Rows of a prepared ``samples.parquet`` (pyarrow table or path) for one split, in file order."""
+    import pyarrow.parquet as pq
+
+    if isinstance(table, (str, Path)):
+        table = pq.read_table(table)
+    cols = table.to_pydict()
+    out = []
+    for i, s in enumerate(cols["split"]):
+        if s == split:
+            out.append(Sample(str(cols["sample_id"][i]), str(cols["image_id"][i]),
+                              list(cols["tokens"][i]), list(cols["tags"][i])))
+    return out
+
+
+def image_fallbacks_from_table(table: Any) -> dict[str, bool]:
+    """image_id -> is_fallback from a prepared ``images.parquet`` (table or path)."""
+    import pyarrow.parquet as pq
+
+    if isinstance(table, (str, Path)):
+        table = pq.read_table(table)
+    cols = table.to_pydict()
+    return {str(i): bool(f) for i, f in zip(cols["image_id"], cols["is_fallback"])}
+
+
+class MNERDataset(Dataset):
+    """One split: cached word features, tag ids and the vision inputs the model uses."""
+
+    def __init__(self, samples: Sequence[Sample], text: Any, tag_index: Mapping[str, int], *,
+                 patches: Any = None, regions: Any = None,
+                 image_fallback: Mapping[str, bool] | None = None, cache: bool = True) -> None:
+        self.samples = list(samples)
+        self.text, self.patches, self.regions = text, patches, regions
+        self.tag_index = dict(tag_index)
+        self.image_fallback = dict(image_fallback or {})
+        self.cache = cache
+        self._items: dict[int, dict[str, Any]] = {}
+        self.n_kept: list[int | None] = [None] * len(self.samples)
+        self.fallback_reasons: Counter = Counter()
+        self._fallback_seen: set[int] = set()
+        for s in self.samples:
+            if len(s.tokens) != len(s.tags):
+                raise ValueError(f"sample {s.sample_id}: {len(s.tokens)} tokens but {len(s.tags)} tags")
+            bad = [t for t in s.tags if t not in self.tag_index]
+            if bad:
+                raise ValueError(f"sample {s.sample_id}: tag {bad[0]!r} is not in the label map "
+                                 f"({', '.join(self.tag_index)}); is its type missing from the type prompts?")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _shape_from(self, reader: Any, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        first = reader.get(reader.ids[0])
+        return tuple(np.zeros_like(np.asarray(first[k])) for k in keys)
+
+    def _vision(self, i: int, image_id: str, item: dict[str, Any]) -> None:
+        fallback = bool(self.image_fallback.get(image_id, False))
+        reasons = []
+        if fallback:
+            reasons.append("manifest")
+        if self.patches is not None:
+            if image_id in self.patches:
+                rec = self.patches.get(image_id)
+                item["pooled"] = np.asarray(rec["pooled"], dtype=np.float32)          # (D,)
+                item["patches"] = np.asarray(rec["patch_tokens"], dtype=np.float32)   # (P, W)
+                if bool(np.asarray(rec.get("is_fallback", False))):
+                    fallback = True
+                    reasons.append("patches")
+            else:
+                pooled, pt = self._shape_from(self.patches, ("pooled", "patch_tokens"))
+                item["pooled"], item["patches"] = pooled.astype(np.float32), pt.astype(np.float32)
+                fallback = True
+                reasons.append("not_in_patch_cache")
+        if self.regions is not None:
+            keys = ("feats", "boxes", "labels", "scores", "mask")
+            if image_id in self.regions:
+                rec = self.regions.get(image_id)
+                vals = [np.asarray(rec[k]) for k in keys]
+                if bool(np.asarray(rec.get("is_fallback", False))):
+                    fallback = True
+                    reasons.append("regions")
+            else:
+                vals = list(self._shape_from(self.regions, keys))
+                fallback = True
+                reasons.append("not_in_region_cache")
+            item["region_feats"] = vals[0].astype(np.float32)    # (K, Dr)
+            item["region_boxes"] = vals[1].astype(np.float32)    # (K, 4)
+            item["region_labels"] = vals[2].astype(np.int64)     # (K,)
+            item["region_scores"] = vals[3].astype(np.float32)   # (K,)
+            item["region_mask"] = vals[4].astype(bool)           # (K,)
+        item["has_image"] = not fallback
+        if fallback and i not in self._fallback_seen:
+            self._fallback_seen.add(i)
+            self.fallback_reasons.update(set(reasons) or {"manifest"})
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i in self._items:
+            return self._items[i]
+        s = self.samples[i]
+        words = np.asarray(self.text.get(s.sample_id), dtype=np.float32)  # (n_kept, L, d_t)
+        if words.ndim == 2:  # one stored layer without its axis
+            words = words[:, None, :]
+        n = words.shape[0]
+        if n > len(s.tokens):
+            raise ValueError(f"sample {s.sample_id}: text cache has {n} words but the sample has {len(s.tokens)}")
+        self.n_kept[i] = n
+        item: dict[str, Any] = {
+            "index": i,
+            "words": words,
+            "tags": np.asarray([self.tag_index[t] for t in s.tags[:n]], dtype=np.int64),  # (n,)
+        }
+        self._vision(i, s.image_id, item)
+        if self.cache:
+            self._items[i] = item
+        return item
+
+    def kept_words(self) -> list[int]:
+        """Kept-word count per sample (reads the text cache for samples not seen yet)."""
+        return [self.n_kept[i] if self.n_kept[i] is not None else self[i]["words"].shape[0] for i in range(len(self))]
+
+    @property
+    def n_image_fallbacks(self) -> int:
+        return len(self._fallback_seen)
+
+
+def collate(items: list[dict[str, Any]], type_prompts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pad a list of items into one batch (see :mod:`pipeline.mner.model` for the layout)."""
+    B = len(items)
+    N = max(1, max(it["words"].shape[0] for it in items))
+    L, d = items[0]["words"].shape[1:] if items[0]["words"].shape[0] else type_prompts.shape[1:]
+    words = torch.zeros(B, N, L, d)
+    tags = torch.zeros(B, N, dtype=torch.long)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for b, it in enumerate(items):
+        n = it["words"].shape[0]
+        if n:
+            words[b, :n] = torch.from_numpy(it["words"])
+            tags[b, :n] = torch.from_numpy(it["tags"])
+            mask[b, :n] = True
+    batch: dict[str, torch.Tensor] = {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "words": words, "word_mask": mask, "tags": tags,                  # (B,N,L,d) (B,N) (B,N)
+        "has_image": torch.tensor([bool(it["has_image"]) for it in items]),  # (B,)
+        "type_prompts": type_prompts,                                      # (T, L, d)
+    }
+    for key in ("pooled", "patches", "region_feats", "region_boxes", "region_labels", "region_scores", "region_mask"):
+        if key in items[0]:
+            batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
+    return batch
+
+
+def type_prompt_tensor(type_prompts: Mapping[str, np.ndarray], types: Sequence[str]) -> torch.Tensor:
+    """(T, L, d_t) float tensor of the type prompts in ``types`` order."""
+    missing = [t for t in types if t not in type_prompts]
+    if missing:
+        raise KeyError(f"text cache has no type prompt for {missing} (has {sorted(type_prompts)})")
+    arrs = []
+    for t in types:
+        a = np.asarray(type_prompts[t], dtype=np.float32)
+        arrs.append(a[None] if a.ndim == 1 else a)
+    return torch.from_numpy(np.stack(arrs))
+
+
+def make_collate(type_prompts: torch.Tensor):
+    """A picklable collate function bound to the type prompts."""
+    return partial(collate, type_prompts=type_prompts)

@@ -1,0 +1,203 @@
+"""Training loop, prediction and checkpoints for the MNER model.
+
+AdamW with per-group learning rates (``lr`` for the network, ``lr_crf`` for the CRF
+transitions), linear warmup then linear decay, gradient clipping, early stopping on valid
+entity F1, the best weights kept. A fixed seed gives the same parameters and metrics
+(single process, no data-loader workers). Each epoch logs its loss parts and valid P/R/F1
+to an optional DVCLive ``Live``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.artifacts import atomic_path, canonical_json
+from pipeline.metrics.ner import entity_scores
+from pipeline.mner.data import MNERDataset
+from pipeline.mner.model import MNERConfig, MNERModel
+
+CHECKPOINT = "model.pt"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_crf: float = 1e-2
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    patience: int = 6
+    align_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = [(self.epochs >= 1, "train.epochs must be >= 1"), (self.batch_size >= 1, "train.batch_size must be >= 1"),
+                  (self.lr > 0 and self.lr_crf > 0, "train.lr and train.lr_crf must be > 0"),
+                  (0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+                  (self.patience >= 1, "train.patience must be >= 1"), (self.align_weight >= 0, "align.weight must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @classmethod
+    def from_params(cls, train: Any, align: Any) -> "TrainConfig":
+        t = {k: train[k] for k in ("seed", "epochs", "batch_size", "lr", "lr_crf", "weight_decay",
+                                   "warmup_ratio", "grad_clip", "patience")}
+        floats = ("lr", "lr_crf", "weight_decay", "warmup_ratio", "grad_clip")
+        t = {k: (float(v) if k in floats else int(v)) for k, v in t.items()}
+        return cls(**t, align_weight=float(align["weight"]))
+
+
+@dataclass
+class FitResult:
+    model: MNERModel              # holds the best weights
+    best_epoch: int
+    best_valid: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR factor: linear warmup over ``warmup_ratio`` of the steps, then linear decay to 0."""
+    warm = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+    return f
+
+
+def _loader(ds: MNERDataset, batch_size: int, collate_fn: Callable, shuffle: bool, seed: int = 0) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, num_workers=0, generator=g)
+
+
+@torch.no_grad()
+def predict(model: MNERModel, ds: MNERDataset, collate_fn: Callable, batch_size: int = 64,
+            progress: bool = False) -> list[list[str]]:
+    """Predicted tags per sample over the FULL sentence: words cut off by the encoder are ``O``."""
+    model.eval()
+    out: list[list[str] | None] = [None] * len(ds)
+    tags = model.cfg.tags
+    for batch in tqdm(_loader(ds, batch_size, collate_fn, False), desc="predict", unit="batch", disable=not progress):
+        em = model(batch)["emissions"]
+        for i, path in zip(batch["index"].tolist(), model.decode(em, batch["word_mask"])):
+            full = len(ds.samples[i].tokens)
+            out[i] = [tags[k] for k in path] + ["O"] * (full - len(path))
+    return out  # type: ignore[return-value]
+
+
+def evaluate(model: MNERModel, ds: MNERDataset, collate_fn: Callable, batch_size: int = 64) -> tuple[dict, list[list[str]]]:
+    """Entity scores against the full gold sequences, and the predictions."""
+    pred = predict(model, ds, collate_fn, batch_size)
+    return entity_scores([s.tags for s in ds.samples], pred), pred
+
+
+def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds: MNERDataset,
+        collate_fn: Callable, live: Any = None, progress: bool = True) -> FitResult:
+    """Train from a fixed seed; returns the model with its best-valid-F1 weights."""
+    set_seed(cfg.seed)
+    model = MNERModel(model_cfg)
+    opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.lr_crf, cfg.weight_decay))
+    loader = _loader(train_ds, cfg.batch_size, collate_fn, True, cfg.seed)
+    total = cfg.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(total, cfg.warmup_ratio))
+    best_f1, best_epoch, best_state, best_valid = -1.0, 0, None, {}
+    history: list[dict] = []
+    bad_epochs = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        sums = {"crf": 0.0, "align": 0.0, "loss": 0.0}
+        n_batches = n_align = 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            out = model(batch)
+            crf = model.crf_nll(out["emissions"], batch["tags"], batch["word_mask"])
+            loss = crf
+            if out["align"] is not None and cfg.align_weight > 0:
+                loss = loss + cfg.align_weight * out["align"]
+                sums["align"] += out["align"].item()
+                n_align += 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            sums["crf"] += crf.item()
+            sums["loss"] += loss.item()
+            n_batches += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        scores, _ = evaluate(model, valid_ds, collate_fn)
+        m = scores["micro"]
+        row = {"epoch": epoch, "loss": sums["loss"] / max(1, n_batches), "loss_crf": sums["crf"] / max(1, n_batches),
+               "loss_align": sums["align"] / n_align if n_align else 0.0,
+               "valid_precision": m["precision"], "valid_recall": m["recall"], "valid_f1": m["f1"]}
+        history.append(row)
+        if live is not None:
+            for k in ("loss", "loss_crf", "loss_align"):
+                live.log_metric(f"train/{k}", row[k])
+            for k in ("precision", "recall", "f1"):
+                live.log_metric(f"valid/{k}", row[f"valid_{k}"])
+            live.next_step()
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {row['loss']:.4f} (crf {row['loss_crf']:.4f}, align {row['loss_align']:.4f}) "
+                       f"valid P {m['precision']:.4f} R {m['recall']:.4f} F1 {m['f1']:.4f}")
+        if m["f1"] > best_f1:
+            best_f1, best_epoch, best_valid, bad_epochs = m["f1"], epoch, scores, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, best_epoch, best_valid, history)
+
+
+def save_checkpoint(directory: str | Path, model: MNERModel, meta: dict[str, Any]) -> Path:
+    """Write ``model.pt`` (config, label map, weights, meta) and readable JSON beside it, atomically."""
+    directory = Path(directory)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save({"config": model.cfg.to_dict(), "tags": list(model.cfg.tags),
+                    "state_dict": model.state_dict(), "meta": meta}, tmp / CHECKPOINT)
+        (tmp / "config.json").write_text(canonical_json({"model": model.cfg.to_dict(), **meta}) + "\n", encoding="utf-8")
+        (tmp / "labels.json").write_text(canonical_json(list(model.cfg.tags)) + "\n", encoding="utf-8")
+    return directory / CHECKPOINT
+
+
+def load_checkpoint(directory: str | Path) -> tuple[MNERModel, dict[str, Any]]:
+    """The model (eval mode) and the meta dict saved with it."""
+    path = Path(directory) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (run the train stage first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = MNERModel(MNERConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt["meta"]
+
+
+def train_config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
