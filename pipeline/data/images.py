@@ -133,6 +133,8 @@ def image_path(images_dir: str | os.PathLike, image_id: str, suffix: str = ".jpg
     """``<images_dir>/<image_id><suffix>``; raises PathEscapeError if it would leave images_dir."""
     if not isinstance(image_id, str):
         raise TypeError(f"image id must be a str, got {type(image_id).__name__} {image_id!r}")
+    if not image_id.strip():
+        raise PathEscapeError(f"image id {image_id!r} is empty")
     return safe_join(images_dir, f"{image_id}{suffix}", what="image id")
 
 
