@@ -28,7 +28,9 @@ Sizes are checked from the header before any pixel is decoded: more than
 raised above 2 x ``PIL.Image.MAX_IMAGE_PIXELS``, gives the same status); a side shorter
 than ``policy.min_side`` -> ``"too_small"``. Only the formats in ``policy.formats`` are
 opened (so e.g. EPS, which would start Ghostscript, is refused as ``"not_image"``).
-Files are always closed before returning.
+Files are always closed before returning. Python's warnings filter is touched around
+``Image.open`` (``warnings.catch_warnings``), which is process-wide: use processes, not
+threads, to decode in parallel (a torch DataLoader with workers does).
 """
 from __future__ import annotations
 
@@ -156,7 +158,7 @@ def _looks_like_image(path: Path) -> bool:
     return head.startswith(_MAGIC)
 
 
-def _decode_failure(path: Path, err: BaseException) -> str:
+def _decode_failure(err: BaseException) -> str:
     msg = str(err).lower()
     if isinstance(err, EOFError) or "truncat" in msg or "end of file" in msg or "eof" in msg:
         return "truncated"
@@ -187,7 +189,7 @@ def _open_checks(path: Path, policy: ImagePolicy) -> tuple[str | None, Image.Ima
     except (PermissionError, IsADirectoryError):
         return "unreadable", None
     except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError/... on bad headers
-        return _decode_failure(path, e), None
+        return _decode_failure(e), None
     return None, im
 
 
@@ -245,8 +247,7 @@ def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
             a = a * (255.0 / 65535.0)
         elif hi > lo:
             a = (a - lo) * (255.0 / (hi - lo))
-        else:
-            a = np.zeros_like(a)
+        # else: a constant image outside 0..65535 is clipped below (to 0 or 255)
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
@@ -256,7 +257,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB" and "transparency" not in im.info:
         return im.copy()
     if mode.startswith("I") or mode == "F":
-        grey = Image.fromarray(_scale_to_uint8(np.asarray(im), mode), mode="L")
+        grey = Image.fromarray(_scale_to_uint8(np.asarray(im), mode))  # uint8 (H, W) -> "L"
         return grey.convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if has_alpha:
@@ -299,11 +300,9 @@ def load_image(path: str | os.PathLike | None, policy: ImagePolicy) -> LoadedIma
         except Exception as e:  # truncated / corrupt data, odd modes
             if isinstance(e, (ValueError, KeyError)) and "mode" in str(e).lower():
                 return _fallback(policy, "unsupported_mode", size)
-            return _fallback(policy, _decode_failure(Path(path), e), size)
-    if status != "animated":
-        status = STATUS_OK if mode == "RGB" and status == STATUS_OK else f"converted_{mode}"
-    if min(rgb.size) < 1:
-        return _fallback(policy, "too_small", size)
+            return _fallback(policy, _decode_failure(e), size)
+    if status != "animated" and mode != "RGB":  # some decoders settle the mode only on load
+        status = f"converted_{mode}"
     return LoadedImage(rgb, status, False, size)
 
 
