@@ -36,8 +36,9 @@ class MemReader:
     def __contains__(self, k: str) -> bool:
         return k in self.recs
 
-    def get(self, k: str) -> dict:
-        return self.recs[k]
+    def get(self, k: str, names=None) -> dict:
+        rec = self.recs[k]
+        return {n: rec[n] for n in (names or rec) if n in rec}
 
 
 def synth(n: int, seed: int, prefix: str = "s", L: int = 2, d: int = 16, D: int = 8, P: int = 4, W: int = 6,

@@ -56,6 +56,13 @@ def image_fallbacks_from_table(table: Any) -> dict[str, bool]:
     return {str(i): bool(f) for i, f in zip(cols["image_id"], cols["is_fallback"])}
 
 
+def _read(reader: Any, item_id: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Only the named arrays of one item (those the reader has)."""
+    have = getattr(reader, "datasets", None)
+    names = tuple(n for n in names if have is None or n in have)
+    return reader.get(item_id, names)
+
+
 class MNERDataset(Dataset):
     """One split: cached word features, tag ids and the vision inputs the model uses."""
 
@@ -83,7 +90,7 @@ class MNERDataset(Dataset):
         return len(self.samples)
 
     def _shape_from(self, reader: Any, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
-        first = reader.get(reader.ids[0])
+        first = _read(reader, reader.ids[0], keys)
         return tuple(np.zeros_like(np.asarray(first[k])) for k in keys)
 
     def _vision(self, i: int, image_id: str, item: dict[str, Any]) -> None:
@@ -93,7 +100,7 @@ class MNERDataset(Dataset):
             reasons.append("manifest")
         if self.patches is not None:
             if image_id in self.patches:
-                rec = self.patches.get(image_id)
+                rec = _read(self.patches, image_id, ("pooled", "patch_tokens", "is_fallback"))
                 item["pooled"] = np.asarray(rec["pooled"], dtype=np.float32)          # (D,)
                 item["patches"] = np.asarray(rec["patch_tokens"], dtype=np.float32)   # (P, W)
                 if bool(np.asarray(rec.get("is_fallback", False))):
@@ -107,7 +114,7 @@ class MNERDataset(Dataset):
         if self.regions is not None:
             keys = ("feats", "boxes", "labels", "scores", "mask")
             if image_id in self.regions:
-                rec = self.regions.get(image_id)
+                rec = _read(self.regions, image_id, keys + ("is_fallback",))
                 vals = [np.asarray(rec[k]) for k in keys]
                 if bool(np.asarray(rec.get("is_fallback", False))):
                     fallback = True
@@ -197,3 +204,77 @@ def type_prompt_tensor(type_prompts: Mapping[str, np.ndarray], types: Sequence[s
 def make_collate(type_prompts: torch.Tensor):
     """A picklable collate function bound to the type prompts."""
     return partial(collate, type_prompts=type_prompts)
+
+
+# ---- wiring to the project's caches -------------------------------------------------------
+@dataclass
+class Caches:
+    """The caches of one MNER dataset, opened for the branches a model uses."""
+
+    dataset: str
+    text: Any                       # pipeline.stores.tables.TextFeatures
+    patches: Any                    # pipeline.stores.shards.ShardReader | None
+    regions: Any                    # pipeline.stores.shards.ShardReader | None
+    samples_path: Path
+    image_fallback: dict[str, bool]
+
+    def samples(self, split: str) -> list[Sample]:
+        out = samples_from_table(self.samples_path, split)
+        if not out:
+            raise ValueError(f"{self.samples_path}: no samples in split {split!r}")
+        return out
+
+    def dataset_for(self, split: str, tag_index: Mapping[str, int]) -> MNERDataset:
+        return MNERDataset(self.samples(split), self.text, tag_index, patches=self.patches,
+                           regions=self.regions, image_fallback=self.image_fallback)
+
+    def dims(self) -> dict[str, int]:
+        """Input sizes for :class:`pipeline.mner.model.MNERConfig` (0 for unused branches)."""
+        d = {"d_text": int(self.text.dim), "n_text_layers": int(self.text.n_layers),
+             "d_pooled": 0, "d_patch": 0, "d_region": 0, "n_region_labels": 91}
+        if self.patches is not None:
+            d["d_pooled"] = int(self.patches.datasets["pooled"][0][-1])
+            d["d_patch"] = int(self.patches.datasets["patch_tokens"][0][-1])
+        if self.regions is not None:
+            d["d_region"] = int(self.regions.datasets["feats"][0][-1])
+            labels = self.regions.read_all("labels")
+            if labels.size:  # COCO ids as torchvision numbers them (91 slots) or more
+                d["n_region_labels"] = max(91, int(labels.max()) + 1)
+        return d
+
+    def provenance(self) -> dict[str, Any]:
+        """What the model is trained on: cache provenance / fingerprints per branch."""
+        from pipeline.artifacts import fingerprint
+
+        out: dict[str, Any] = {"text": fingerprint(self.text.provenance)}
+        if self.patches is not None:
+            out["patches"] = self.patches.fingerprint
+        if self.regions is not None:
+            out["regions"] = self.regions.fingerprint
+        return out
+
+
+def open_caches(dataset: str, use_patches: bool, use_regions: bool) -> Caches:
+    """Open ``features/<dataset>/{text,patches,regions}`` and ``data/prepared/<dataset>``.
+
+    A branch that is switched off is not opened at all.
+    """
+    from pipeline.paths import project_path
+    from pipeline.stores.shards import ShardReader
+    from pipeline.stores.tables import TextFeatures
+
+    feats = project_path(f"features/{dataset}")
+    prepared = project_path(f"data/prepared/{dataset}")
+    samples = prepared / "samples.parquet"
+    images = prepared / "images.parquet"
+    for p in (samples, images):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found; it is written by the `prepare` stage (run `dvc repro prepare@{dataset}`)")
+    return Caches(
+        dataset=dataset,
+        text=TextFeatures(feats / "text"),
+        patches=ShardReader(feats / "patches", stage=f"patches@{dataset}") if use_patches else None,
+        regions=ShardReader(feats / "regions", stage=f"regions@{dataset}") if use_regions else None,
+        samples_path=samples,
+        image_fallback=image_fallbacks_from_table(images),
+    )

@@ -201,3 +201,44 @@ def load_checkpoint(directory: str | Path) -> tuple[MNERModel, dict[str, Any]]:
 
 def train_config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
+
+
+def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir: str | Path,
+                    live_dir: str | Path | None = None, progress: bool = True) -> FitResult:
+    """Train on ``features/<dataset>`` + ``data/prepared/<dataset>``; write the best checkpoint.
+
+    ``fusion``, ``train``, ``align`` are the params sections (Mappings). Curves go to a
+    DVCLive dir ``live_dir`` (metrics.json + plots/metrics/*.tsv), when given.
+    """
+    from pipeline.mner.data import make_collate, open_caches, type_prompt_tensor
+
+    tcfg = TrainConfig.from_params(train, align)
+    probe = MNERConfig.from_params(fusion, align, types=["_"], d_text=1, d_pooled=1, d_patch=1, d_region=1)
+    caches = open_caches(dataset, probe.uses_patches, probe.uses_regions)
+    types = sorted(caches.text.types)
+    mcfg = MNERConfig.from_params(fusion, align, types=types, **caches.dims())
+    tag_index = {t: i for i, t in enumerate(mcfg.tags)}
+    train_ds, valid_ds = caches.dataset_for("train", tag_index), caches.dataset_for("valid", tag_index)
+    collate_fn = make_collate(type_prompt_tensor(caches.text.type_prompts, types))
+    live = None
+    if live_dir is not None:
+        from dvclive import Live
+
+        live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    try:
+        res = fit(mcfg, tcfg, train_ds, valid_ds, collate_fn, live=live, progress=progress)
+        if live is not None:
+            live.summary["best_epoch"] = res.best_epoch
+            live.summary["best_valid_f1"] = res.best_valid["micro"]["f1"]
+    finally:
+        if live is not None:
+            live.end()
+    n_trunc = sum(len(s.tokens) - k for s, k in zip(train_ds.samples, train_ds.kept_words()))
+    meta = {
+        "dataset": dataset, "train": asdict(tcfg), "inputs": caches.provenance(),
+        "best_epoch": res.best_epoch, "best_valid": res.best_valid["micro"], "history": res.history,
+        "counts": {"train_samples": len(train_ds), "valid_samples": len(valid_ds),
+                   "train_truncated_words": n_trunc, "train_image_fallbacks": train_ds.n_image_fallbacks},
+    }
+    save_checkpoint(model_dir, res.model, meta)
+    return res

@@ -1,0 +1,34 @@
+"""DVC stage `evaluate@<dataset>`: score the trained MNER model on valid and test.
+
+Reads no params (everything comes from the checkpoint); writes predictions/<dataset>/*.conll,
+metrics/<dataset>/mner.json and plots/<dataset>/.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline.mner.evaluate import evaluate_on_caches
+from pipeline.params import load_params
+from pipeline.paths import project_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("dataset", help="an MNER dataset name from params.yaml `datasets`")
+    args = ap.parse_args(argv)
+    load_params("evaluate", item=args.dataset)  # declares nothing: any param read would fail loudly
+    t0 = time.perf_counter()
+    ds = args.dataset
+    report = evaluate_on_caches(ds, project_path(f"models/{ds}"), project_path(f"predictions/{ds}"),
+                                project_path(f"metrics/{ds}/mner.json"), project_path(f"plots/{ds}"))
+    for split in ("valid", "test"):
+        r = report[split]
+        print(f"evaluate@{ds} {split}: P {r['precision']:.4f} R {r['recall']:.4f} F1 {r['f1']:.4f} "
+              f"({r['counts']['gold_entities']} gold, {r['counts']['pred_entities']} predicted entities)")
+    print(f"evaluate@{ds}: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

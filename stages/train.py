@@ -1,0 +1,34 @@
+"""DVC stage `train@<dataset>`: fit the MNER model on the cached features.
+
+Reads params datasets.<dataset>, fusion, train, align; writes models/<dataset>/ and the
+DVCLive curves in dvclive/<dataset>/train/.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline.mner.train import train_on_caches
+from pipeline.params import load_params
+from pipeline.paths import project_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("dataset", help="an MNER dataset name from params.yaml `datasets`")
+    args = ap.parse_args(argv)
+    params = load_params("train", item=args.dataset)
+    kind = params["datasets"][args.dataset]["kind"]
+    if kind != "mner":
+        raise SystemExit(f"params.yaml: datasets.{args.dataset}.kind is {kind!r}; the train stage needs an mner dataset")
+    t0 = time.perf_counter()
+    res = train_on_caches(args.dataset, params["fusion"], params["train"], params["align"],
+                          model_dir=project_path(f"models/{args.dataset}"),
+                          live_dir=project_path(f"dvclive/{args.dataset}/train"))
+    print(f"train@{args.dataset}: best epoch {res.best_epoch}, valid F1 {res.best_valid['micro']['f1']:.4f}, "
+          f"{len(res.history)} epochs in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
