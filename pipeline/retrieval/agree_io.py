@@ -1,0 +1,160 @@
+"""AGREE's file formats: prediction JSON lines, ground-truth JSON lines, result JSON.
+
+Predictions (one line per query, best first)::
+
+    {"query_id": 8, "item_ids": ["9", "17", ...]}      # text to image: a caption's images
+    {"image_id": "9", "item_ids": [8, 12, ...]}         # image to text: an image's captions
+
+Ids are kept as strings inside the pipeline and written back in the JSON type AGREE used
+(meta.json of the prepared dataset: ``query_id_type``, ``image_id_type``, "int" or "str").
+Result (recalls in percent)::
+
+    {"success": true, "score": mean, "scoreJson": {"score": mean, "mean_recall": mean,
+     "r1": .., "r5": .., "r10": ..}}
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import atomic_path
+
+ID_TYPES = ("int", "str")
+KEYS = {"t2i": "query_id", "i2t": "image_id"}  # the id key of a prediction line per direction
+
+
+class AgreeFormatError(ValueError):
+    """A file does not follow AGREE's format (the message names file and line)."""
+
+
+def load_id_types(meta_path: str | os.PathLike) -> dict[str, str]:
+    """``{"caption": "int"|"str", "image": "int"|"str"}`` from a prepared meta.json."""
+    p = Path(meta_path)
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: not found (written by the `prepare` stage)") from None
+    except json.JSONDecodeError as e:
+        raise AgreeFormatError(f"{p}: invalid JSON: {e}") from None
+    out = {}
+    for what, key in (("caption", "query_id_type"), ("image", "image_id_type")):
+        t = meta.get(key, "str")
+        if t not in ID_TYPES:
+            raise AgreeFormatError(f"{p}: {key} must be 'int' or 'str', got {t!r}")
+        out[what] = t
+    return out
+
+
+def to_json_id(item_id: str, typ: str, where: str = "") -> int | str:
+    """An id string as AGREE wrote it (int ids back to int)."""
+    if typ == "str":
+        return str(item_id)
+    try:
+        v = int(item_id)
+    except ValueError:
+        raise AgreeFormatError(f"{where}: id {item_id!r} is not an integer, but meta.json says int ids") from None
+    if str(v) != str(item_id):
+        raise AgreeFormatError(f"{where}: id {item_id!r} would not round-trip as an integer")
+    return v
+
+
+def _id_str(v: Any, where: str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise AgreeFormatError(f"{where}: ids must be int or str, got {type(v).__name__} {v!r}")
+    return str(v)
+
+
+def write_predictions(path: str | os.PathLike, direction: str, lists: Iterable[tuple[str, Sequence[str]]],
+                      query_type: str, item_type: str) -> Path:
+    """Write (query id, ranked item ids) pairs as AGREE prediction JSON lines (atomically).
+
+    direction ``t2i``: lines ``{"query_id": caption, "item_ids": [images]}``;
+    ``i2t``: ``{"image_id": image, "item_ids": [captions]}``.
+    """
+    key = KEYS[direction]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for qid, items in lists:
+                line = {key: to_json_id(qid, query_type, str(path)),
+                        "item_ids": [to_json_id(i, item_type, str(path)) for i in items]}
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; bad JSON names file and line."""
+    p = Path(path)
+    try:
+        f = open(p, encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: not found") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AgreeFormatError(f"{p}:{n}: invalid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise AgreeFormatError(f"{p}:{n}: expected a JSON object")
+            yield n, obj
+
+
+def read_id_lists(path: str | os.PathLike, key: str, list_key: str = "item_ids") -> dict[str, list[str]]:
+    """``{id: [item ids]}`` (all as strings) from JSON lines with ``key`` and ``list_key``.
+
+    Reads AGREE predictions (``query_id``/``image_id`` + ``item_ids``) and AGREE ground
+    truth files (the same keys); a missing key, a non-list or a repeated id is an error.
+    """
+    out: dict[str, list[str]] = {}
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        if key not in obj or list_key not in obj:
+            raise AgreeFormatError(f"{where}: expected keys {key!r} and {list_key!r}, got {sorted(obj)}")
+        qid = _id_str(obj[key], where)
+        items = obj[list_key]
+        if not isinstance(items, list):
+            raise AgreeFormatError(f"{where}: {list_key!r} must be a list")
+        if qid in out:
+            raise AgreeFormatError(f"{where}: {key} {obj[key]!r} appears twice")
+        out[qid] = [_id_str(i, where) for i in items]
+    return out
+
+
+def read_predictions(path: str | os.PathLike, direction: str) -> dict[str, list[str]]:
+    """An AGREE prediction file of ``direction`` (t2i: query_id; i2t: image_id) as id strings."""
+    return read_id_lists(path, KEYS[direction])
+
+
+def result_json(recalls: Mapping[str, float]) -> dict[str, Any]:
+    """AGREE's result object from ``{"r1", "r5", "r10", "mean"}`` (percent)."""
+    mean = float(recalls["mean"])
+    return {"success": True, "score": mean,
+            "scoreJson": {"score": mean, "mean_recall": mean,
+                          "r1": float(recalls["r1"]), "r5": float(recalls["r5"]), "r10": float(recalls["r10"])}}
+
+
+def write_result(path: str | os.PathLike, recalls: Mapping[str, float]) -> Path:
+    """Write AGREE's result JSON (one line, key order as AGREE's evaluation writes it)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result_json(recalls)) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def read_result(path: str | os.PathLike) -> dict[str, float]:
+    """``{"r1", "r5", "r10", "mean"}`` back from an AGREE result JSON."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+        sj = obj["scoreJson"]
+        return {"r1": float(sj["r1"]), "r5": float(sj["r5"]), "r10": float(sj["r10"]), "mean": float(sj["mean_recall"])}
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise AgreeFormatError(f"{p}: not an AGREE result JSON ({type(e).__name__}: {e})") from None
+
+
+__all__ = ["AgreeFormatError", "KEYS", "load_id_types", "to_json_id", "write_predictions", "read_jsonl",
+           "read_id_lists", "read_predictions", "result_json", "write_result", "read_result"]

@@ -1,0 +1,191 @@
+"""FAISS nearest-neighbour search by cosine: exact (IndexFlatIP), IVF and HNSW.
+
+Vectors are L2-normalised to float32 first, so every score is a plain cosine. Results
+come back as ``(scores (Q, k) float32, ids (Q, k) int64)``, best first; among equal
+scores the smaller gallery row comes first (FAISS leaves that order open), and slots an
+approximate index could not fill hold id -1 and score -inf. An approximate index is
+checked against exact search with :func:`recall_vs_exact`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+KINDS = ("flat", "ivf", "hnsw")
+
+
+def set_threads(n: int | None) -> int:
+    """Set FAISS's OpenMP thread count (None/0: leave as is); returns the count in use."""
+    import faiss
+
+    if n:
+        if int(n) < 1:
+            raise ValueError(f"retrieval.threads must be >= 1, got {n!r}")
+        faiss.omp_set_num_threads(int(n))
+    return int(faiss.omp_get_max_threads())
+
+
+def l2_normalize(x: np.ndarray, what: str = "vectors") -> np.ndarray:
+    """A float32, C-contiguous, row-wise L2-normalised copy of ``x`` (N, D).
+
+    All-zero rows (e.g. the zero feature of an unusable image) stay zero, so they score
+    0 against everything; non-finite values are an error.
+    """
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-d array (N, D), got shape {a.shape}")
+    a = np.array(a, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(a).all():
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        raise ValueError(f"{what}: {bad.size} rows hold NaN/inf (first rows: {bad[:5].tolist()})")
+    norms = np.linalg.norm(a, axis=1, keepdims=True)  # (N, 1)
+    np.divide(a, norms, out=a, where=norms > 0)
+    return a
+
+
+def _tie_order(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by score descending, then id ascending; missing (-1) last."""
+    scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+    big = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((big, -scores), axis=-1)  # last key is the primary one
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
+
+
+@dataclass
+class VectorIndex:
+    """A FAISS inner-product index over an L2-normalised gallery (N, D).
+
+    ``kind``: ``flat`` (exact, IndexFlatIP), ``ivf`` (IndexIVFFlat, ``nlist`` lists, probes
+    ``nprobe``; ``nlist`` is cut to N for tiny galleries) or ``hnsw`` (IndexHNSWFlat,
+    ``hnsw_m`` links, ``ef_search``/``ef_construction``). ``info`` records what was built
+    (effective sizes, build seconds, zero vectors). Flat and IVF are deterministic; the
+    HNSW graph built with several threads may differ from run to run (use threads=1).
+    """
+
+    gallery: np.ndarray
+    kind: str = "flat"
+    nlist: int = 64
+    nprobe: int = 8
+    hnsw_m: int = 32
+    ef_search: int = 128
+    ef_construction: int = 40
+    threads: int | None = None
+    normalize: bool = True
+    info: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        import faiss
+
+        if self.kind not in KINDS:
+            raise ValueError(f"retrieval.index must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        set_threads(self.threads)
+        g = l2_normalize(self.gallery, "gallery") if self.normalize else np.ascontiguousarray(self.gallery, np.float32)
+        if g.shape[0] == 0:
+            raise ValueError("gallery is empty: nothing to search")
+        self.gallery = g  # (N, D) float32, unit rows
+        n, d = g.shape
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"kind": self.kind, "ntotal": n, "dim": d,
+                                "zero_vectors": int((~g.any(axis=1)).sum())}
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif self.kind == "ivf":
+            for name in ("nlist", "nprobe"):
+                if int(getattr(self, name)) < 1:
+                    raise ValueError(f"retrieval.{name} must be >= 1, got {getattr(self, name)!r}")
+            nlist = min(int(self.nlist), n)
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = 1234
+            index.train(g)
+            index.nprobe = min(int(self.nprobe), nlist)
+            self._quantizer = quantizer  # keep it alive with the index
+            info.update(nlist=nlist, nprobe=int(index.nprobe), nlist_requested=int(self.nlist))
+        else:
+            if int(self.hnsw_m) < 2 or int(self.ef_search) < 1:
+                raise ValueError(f"retrieval.hnsw_m must be >= 2 and ef_search >= 1, got {self.hnsw_m!r}, {self.ef_search!r}")
+            index = faiss.IndexHNSWFlat(d, int(self.hnsw_m), faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = int(self.ef_construction)
+            index.hnsw.efSearch = int(self.ef_search)
+            info.update(hnsw_m=int(self.hnsw_m), ef_search=int(self.ef_search), ef_construction=int(self.ef_construction))
+        index.add(g)
+        info["build_seconds"] = round(time.perf_counter() - t0, 4)
+        info["threads"] = set_threads(None)
+        self.index = index
+        self.info = info
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int = 1024,
+               progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` (cut to the gallery size) per query: (scores (Q, k) float32, ids (Q, k) int64)."""
+        q = l2_normalize(queries, "queries") if self.normalize else np.ascontiguousarray(queries, np.float32)
+        if q.shape[1] != self.gallery.shape[1]:
+            raise ValueError(f"queries have dim {q.shape[1]}, the gallery {self.gallery.shape[1]}")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        k = min(int(k), self.ntotal)
+        scores = np.empty((q.shape[0], k), np.float32)
+        ids = np.empty((q.shape[0], k), np.int64)
+        starts = range(0, q.shape[0], int(batch_size))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=q.shape[0], desc=progress, unit="query", mininterval=1.0, dynamic_ncols=True)
+        for s in starts:
+            e = min(s + int(batch_size), q.shape[0])
+            d_, i_ = self.index.search(q[s:e], k)
+            scores[s:e], ids[s:e] = _tie_order(d_, i_)
+            if bar is not None:
+                bar.update(e - s)
+        if bar is not None:
+            bar.close()
+        return scores, ids
+
+
+def exact_search(gallery: np.ndarray, queries: np.ndarray, k: int, batch_size: int = 1024,
+                 threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k with IndexFlatIP (see :class:`VectorIndex`)."""
+    return VectorIndex(gallery, "flat", threads=threads).search(queries, k, batch_size)
+
+
+def numpy_search(gallery: np.ndarray, queries: np.ndarray, k: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force in numpy (matmul + argpartition) on already-normalised float32 arrays.
+
+    The baseline FAISS is compared with in bench/retrieval.py; same output layout.
+    """
+    n = gallery.shape[0]
+    k = min(int(k), n)
+    scores = np.empty((queries.shape[0], k), np.float32)
+    ids = np.empty((queries.shape[0], k), np.int64)
+    for s in range(0, queries.shape[0], batch_size):
+        sims = queries[s:s + batch_size] @ gallery.T  # (B, N)
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (sims.shape[0], 1))
+        sc = np.take_along_axis(sims, part, 1)
+        scores[s:s + batch_size], ids[s:s + batch_size] = _tie_order(sc, part.astype(np.int64))
+    return scores, ids
+
+
+def recall_vs_exact(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k| (ids, -1 ignored)."""
+    a, e = np.asarray(approx_ids)[:, :k], np.asarray(exact_ids)[:, :k]
+    if a.shape[0] != e.shape[0]:
+        raise ValueError(f"approx has {a.shape[0]} queries, exact {e.shape[0]}")
+    if a.shape[0] == 0:
+        return float("nan")
+    hits = 0.0
+    for row_a, row_e in zip(a, e):
+        ex = row_e[row_e >= 0]
+        if ex.size:
+            hits += np.isin(ex, row_a[row_a >= 0]).sum() / ex.size
+        else:
+            hits += 1.0
+    return float(hits / a.shape[0])
