@@ -419,7 +419,8 @@ def _draw_none(c: _Canvas, rng: np.random.Generator) -> None:
     if rng.random() < 0.5:
         w, h = s * 0.24, s * 0.3
         d.rectangle((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), fill=_vivid(rng), outline=(30, 30, 30))
-        d.arc((cx + w / 2 - s * 0.06, cy - h / 4, cx + w / 2 + s * 0.08, cy + h / 4), -90, 90, fill=(30, 30, 30), width=2)
+        d.arc((cx + w / 2 - s * 0.06, cy - h / 4, cx + w / 2 + s * 0.08, cy + h / 4), -90, 90,
+              fill=(30, 30, 30), width=2)
         c.add_box("cup", cx - w / 2, cy - h / 2, cx + w / 2 + s * 0.08, cy + h / 2)
     else:
         r = s * 0.2
@@ -511,7 +512,8 @@ def _draw_object(c: _Canvas, kind: str, colour: str, box: tuple[float, float, fl
                   fill=col, outline=ol)
         mx = x1 + 0.5 * w
         d.line((mx, y1, mx, y1 + 0.65 * h), fill=(30, 30, 30), width=1)
-        d.polygon([(mx + 1, y1), (mx + 1, y1 + 0.6 * h), (x2 - 0.1 * w, y1 + 0.6 * h)], fill=(250, 250, 250), outline=(90, 90, 90))
+        d.polygon([(mx + 1, y1), (mx + 1, y1 + 0.6 * h), (x2 - 0.1 * w, y1 + 0.6 * h)],
+                  fill=(250, 250, 250), outline=(90, 90, 90))
     elif kind == "kite":
         cx, cy = x1 + 0.5 * w, y1 + 0.4 * h
         d.polygon([(cx, y1), (x2, cy), (cx, y1 + 0.8 * h), (x1, cy)], fill=col, outline=ol)
@@ -538,8 +540,10 @@ def _draw_object(c: _Canvas, kind: str, colour: str, box: tuple[float, float, fl
     elif kind == "bird":
         d.ellipse((x1 + 0.1 * w, y1 + 0.3 * h, x1 + 0.8 * w, y1 + 0.75 * h), fill=col, outline=ol)
         d.ellipse((x1 + 0.6 * w, y1 + 0.15 * h, x1 + 0.9 * w, y1 + 0.45 * h), fill=col, outline=ol)
-        d.polygon([(x1 + 0.9 * w, y1 + 0.27 * h), (x2, y1 + 0.32 * h), (x1 + 0.9 * w, y1 + 0.37 * h)], fill=(250, 150, 20))
-        d.polygon([(x1 + 0.3 * w, y1 + 0.45 * h), (x1 + 0.55 * w, y1 + 0.45 * h), (x1 + 0.35 * w, y1 + 0.1 * h)], fill=ol)
+        d.polygon([(x1 + 0.9 * w, y1 + 0.27 * h), (x2, y1 + 0.32 * h), (x1 + 0.9 * w, y1 + 0.37 * h)],
+                  fill=(250, 150, 20))
+        d.polygon([(x1 + 0.3 * w, y1 + 0.45 * h), (x1 + 0.55 * w, y1 + 0.45 * h), (x1 + 0.35 * w, y1 + 0.1 * h)],
+                  fill=ol)
         d.line((x1 + 0.45 * w, y1 + 0.75 * h, x1 + 0.45 * w, y2), fill=(40, 40, 40), width=1)
     elif kind == "person":
         cx = x1 + 0.5 * w
