@@ -59,8 +59,14 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir() and final.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # a directory cannot be replaced in one rename: move the old one aside first,
+            # so the final name is missing only between two renames
+            old = final.with_name(f".{final.name}.{os.getpid()}.old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
