@@ -1,0 +1,56 @@
+"""Look into a cache: ``python -m stages.inspect PATH [--id ID] [--check] [--draw ID out.png]``.
+
+PATH: a shard dir (features/<ds>/patches, .../regions) or one .h5 shard, a text or
+caption feature dir, or a Parquet file (e.g. data/prepared/<ds>/images.parquet).
+Exit codes: 0 ok, 1 problems found by --check, 2 usage error or unreadable input.
+Not a DVC stage: it reads no params and writes only the --draw picture.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.stores import inspect as I
+from pipeline.stores.shards import ShardError
+from pipeline.stores.tables import TableError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m stages.inspect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", help="shard dir, .h5 shard, text/captions feature dir, or .parquet file")
+    ap.add_argument("--id", dest="item_id", help="show one item: arrays with shapes, stats, a few values")
+    ap.add_argument("--check", action="store_true", help="integrity checks; exit 1 if any problem")
+    ap.add_argument("--draw", nargs=2, metavar=("ID", "OUT_PNG"), help="draw an image with its region boxes")
+    ap.add_argument("--images-manifest", "--manifest", dest="manifest",
+                    help="prepared manifest: image paths for --draw; ids every cached item must match for --check")
+    ap.add_argument("--min-side", type=int, default=0, help="--draw: upscale so the shorter side is at least this")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.draw:
+            print(I.draw_regions(args.path, args.draw[0], args.draw[1], args.manifest, args.min_side))
+            return 0
+        if args.item_id is not None:
+            print(I.show_item(args.path, args.item_id))
+        else:
+            print(I.summary(args.path))
+        if args.check:
+            problems = I.check(args.path, args.manifest)
+            if problems:
+                print(f"\ncheck: {len(problems)} problem(s):")
+                for p in problems:
+                    print(f"  - {p}")
+                return 1
+            print("\ncheck: ok")
+        return 0
+    except (I.InspectError, ShardError, TableError, OSError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"inspect: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
