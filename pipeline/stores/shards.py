@@ -340,7 +340,7 @@ class ShardReader:
                     raise ShardError(f"{p}: id {i!r} also in {other}; stale shards? rerun the stage that writes {d}")
                 self._where[i] = (s, row)
             self._ids.extend(ids)
-        self._handles: OrderedDict[int, h5py.File] = OrderedDict()
+        self._handles: OrderedDict[int, tuple[h5py.File, dict[str, h5py.Dataset]]] = OrderedDict()
         self._pid = os.getpid()
 
     # -- basic container protocol
@@ -375,32 +375,33 @@ class ShardReader:
             raise KeyError(f"id {item_id!r} not in {self.dir} ({len(self)} items)") from None
 
     # -- handles
-    def _handle(self, s: int) -> h5py.File:
+    def _handle(self, s: int) -> tuple[h5py.File, dict[str, h5py.Dataset]]:
+        """Shard ``s``'s open file and its datasets (opened once per process)."""
         if self._pid != os.getpid():  # forked: drop the parent's handles, open our own
-            for old in self._handles.values():
+            for old, _ in self._handles.values():
                 try:
                     old.close()  # closes this process's copy only
                 except Exception:
                     pass
             self._handles = OrderedDict()
             self._pid = os.getpid()
-        f = self._handles.get(s)
-        if f is None:
+        entry = self._handles.get(s)
+        if entry is None:
             f = h5py.File(self.files[s], "r")
-            self._handles[s] = f
+            entry = self._handles[s] = (f, {n: f[n] for n in self.datasets})
             while len(self._handles) > self.max_open:
-                _, old = self._handles.popitem(last=False)
+                _, (old, _) = self._handles.popitem(last=False)
                 old.close()
         else:
             self._handles.move_to_end(s)
-        return f
+        return entry
 
     def get(self, item_id: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """One item's arrays (each of shape ``dataset.shape[1:]``), read lazily."""
         s, row = self._lookup(item_id)
-        f = self._handle(s)
+        datasets = self._handle(s)[1]
         names = self.datasets if names is None else names
-        return {n: np.asarray(f[n][row]) for n in names}
+        return {n: np.asarray(datasets[n][row]) for n in names}
 
     def __getitem__(self, key: int | str) -> dict[str, np.ndarray]:
         """By id (str) or by position in ``ids`` (int); a map-style Dataset as is."""
@@ -410,11 +411,11 @@ class ShardReader:
         """The whole dataset ``name`` in ``ids`` order, shape (len, ...)."""
         if name not in self.datasets:
             raise KeyError(f"{self.dir}: no dataset {name!r} (have: {', '.join(self.datasets)})")
-        return np.concatenate([self._handle(s)[name][()] for s in range(len(self.files))], axis=0)
+        return np.concatenate([self._handle(s)[1][name][()] for s in range(len(self.files))], axis=0)
 
     def close(self) -> None:
         if self._pid == os.getpid():
-            for f in self._handles.values():
+            for f, _ in self._handles.values():
                 f.close()
         self._handles = OrderedDict()
 
