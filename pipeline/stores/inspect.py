@@ -343,7 +343,8 @@ def _region_table(arrays: dict[str, np.ndarray], provenance: dict) -> list[str]:
         lab = int(arrays["labels"][s]) if "labels" in arrays else -1
         sc = float(arrays["scores"][s]) if "scores" in arrays else float("nan")
         b = arrays["boxes"][s]
-        lines.append(f"  {s:>4}  {'yes' if mask[s] else 'no':>5}  {_label_name(names, lab)[:18]:<18} "
+        shown = _label_name(names, lab) if mask[s] else "-"
+        lines.append(f"  {s:>4}  {'yes' if mask[s] else 'no':>5}  {shown[:18]:<18} "
                      f"{sc:>6.3f}  {b[0]:.3f}  {b[1]:.3f}  {b[2]:.3f}  {b[3]:.3f}")
     return lines
 
