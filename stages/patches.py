@@ -1,0 +1,30 @@
+"""DVC stage `patches@<dataset>`: CLIP pooled embeddings + patch tokens of every image -> HDF5 shards.
+
+    python -m stages.patches <dataset> [--shard INDEX/COUNT]
+
+``--shard i/n`` computes only shards i, i+n, ... (any scheduler can run workers side by side;
+under torchrun RANK/WORLD_SIZE are used); it changes nothing else. Done shards whose
+fingerprint matches are skipped, so a killed run resumes where it stopped.
+"""
+import argparse
+
+from pipeline.extract import extract_patches, report_path
+from pipeline.params import load_params
+from pipeline.stores.shards import resolve_shard_arg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", help="a dataset name from params.yaml `datasets`")
+    ap.add_argument("--shard", default=None, metavar="I/N", help="run shard worker I of N (default: all shards)")
+    args = ap.parse_args()
+    index, count = resolve_shard_arg(args.shard)
+    params = load_params("patches", item=args.dataset)
+    r = extract_patches(args.dataset, params, shard_index=index, shard_count=count)
+    print(f"patches {args.dataset}: {r['shards_written']} shards written, {r['shards_skipped']} skipped, "
+          f"{r['images_processed']} images ({r['items_per_s']} img/s), fallbacks {r['fallbacks_by_reason'] or 0}; "
+          f"report {report_path(f'features/{args.dataset}/patches', index, count)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""DVC stage `regions@<dataset>`: object regions (Faster R-CNN or dataset boxes), CLIP-encoded -> HDF5 shards.
+
+    python -m stages.regions <dataset> [--shard INDEX/COUNT]
+
+``--shard i/n`` computes only shards i, i+n, ... (torchrun: RANK/WORLD_SIZE); done shards
+whose fingerprint matches are skipped, so a killed run resumes where it stopped.
+"""
+import argparse
+
+from pipeline.extract import extract_regions, report_path
+from pipeline.params import load_params
+from pipeline.stores.shards import resolve_shard_arg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", help="a dataset name from params.yaml `datasets`")
+    ap.add_argument("--shard", default=None, metavar="I/N", help="run shard worker I of N (default: all shards)")
+    args = ap.parse_args()
+    index, count = resolve_shard_arg(args.shard)
+    params = load_params("regions", item=args.dataset)
+    r = extract_regions(args.dataset, params, shard_index=index, shard_count=count)
+    print(f"regions {args.dataset} ({r['source']}): {r['shards_written']} shards written, "
+          f"{r['shards_skipped']} skipped, {r['images_processed']} images, {r.get('regions', 0)} regions "
+          f"({r['items_per_s']} img/s); report {report_path(f'features/{args.dataset}/regions', index, count)}")
+
+
+if __name__ == "__main__":
+    main()
