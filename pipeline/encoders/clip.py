@@ -15,6 +15,8 @@ norm, before projection (open_clip ``VisionTransformer.output_tokens``).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +64,17 @@ class ClipBundle:
     def n_patches(self) -> int:
         gh, gw = self.model.visual.grid_size
         return int(gh) * int(gw)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Silence open_clip's 'no pretrained weights loaded' warning: weights are loaded here, not there."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def register_model_configs() -> None:
@@ -123,7 +136,8 @@ def load_clip(params_clip: Mapping[str, Any], device: str | None = None) -> Clip
     if not checkpoint or checkpoint == RANDOM_INIT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+            with _quiet_open_clip():
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
         weights = {"checkpoint": RANDOM_INIT, "sha256": RANDOM_INIT, "seed": RANDOM_INIT_SEED, "format": RANDOM_INIT}
     else:
         path = project_path(checkpoint)
@@ -147,7 +161,8 @@ def load_clip(params_clip: Mapping[str, Any], device: str | None = None) -> Clip
                                 f"(expected one of {', '.join(_STATE_DICT_SUFFIXES)})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+            with _quiet_open_clip():
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
         try:
             if fmt == "torchscript":
                 _load_torchscript(model, path)
