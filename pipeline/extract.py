@@ -164,7 +164,7 @@ class ImageDataset(Dataset):
         if self.preprocess is not None:
             item["pixels"] = self.preprocess(loaded.image)  # (3, S, S) float32
         if self.raw:
-            item["image"] = np.asarray(loaded.image, dtype=np.uint8)  # (H, W, 3)
+            item["image"] = np.array(loaded.image, dtype=np.uint8)  # (H, W, 3), writable copy
         return item
 
 
@@ -349,8 +349,8 @@ def extract_patches(dataset: str, params: Mapping[str, Any], shard_index: int = 
                 p, t = encode_images(bundle, b["pixels"])  # (B, D), (B, P, W)
                 fb = b["is_fallback"]
                 if zero and bool(fb.any()):
-                    p[fb] = 0.0
-                    t[fb] = 0.0
+                    p = p.masked_fill(fb[:, None], 0.0)
+                    t = t.masked_fill(fb[:, None, None], 0.0)
                 pooled.append(p)
                 tokens.append(t)
                 fallback.append(fb)
