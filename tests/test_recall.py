@@ -95,8 +95,10 @@ def test_agree_result_json(tmp_path):
 
 def test_meta_id_types(tmp_path):
     m = tmp_path / "meta.json"
-    m.write_text('{"query_id_type": "int", "image_id_type": "str"}')
-    assert load_id_types(m) == {"caption": "int", "image": "str"}
+    m.write_text('{"query_id_type": "int", "image_id_type": "str", "image_item_id_type": "mixed"}')
+    assert load_id_types(m) == {"t2i_query": "int", "t2i_item": "str", "i2t_query": "str", "i2t_item": "str"}
+    m.write_text('{"query_id_type": "int", "image_id_type": "int", "text_item_id_type": "str"}')
+    assert load_id_types(m) == {"t2i_query": "int", "t2i_item": "str", "i2t_query": "int", "i2t_item": "int"}
     m.write_text('{"query_id_type": "float"}')
     with pytest.raises(AgreeFormatError, match="meta.json: query_id_type"):
         load_id_types(m)

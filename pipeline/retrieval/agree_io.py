@@ -31,7 +31,15 @@ class AgreeFormatError(ValueError):
 
 
 def load_id_types(meta_path: str | os.PathLike) -> dict[str, str]:
-    """``{"caption": "int"|"str", "image": "int"|"str"}`` from a prepared meta.json."""
+    """JSON id types per prediction file and field, from a prepared meta.json.
+
+    Returns ``{"t2i_query", "t2i_item", "i2t_query", "i2t_item"}`` -> "int" | "str":
+    query ids take the type of the test texts / images files (``query_id_type``,
+    ``image_id_type``); item ids the type the ground-truth files use for their
+    ``item_ids`` (``text_item_id_type``, ``image_item_id_type``, falling back to the
+    other file's id type), so AGREE's evaluation compares like with like. An absent
+    or ``mixed`` type is written as str.
+    """
     p = Path(meta_path)
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
@@ -39,13 +47,18 @@ def load_id_types(meta_path: str | os.PathLike) -> dict[str, str]:
         raise FileNotFoundError(f"{p}: not found (written by the `prepare` stage)") from None
     except json.JSONDecodeError as e:
         raise AgreeFormatError(f"{p}: invalid JSON: {e}") from None
-    out = {}
-    for what, key in (("caption", "query_id_type"), ("image", "image_id_type")):
-        t = meta.get(key, "str")
-        if t not in ID_TYPES:
-            raise AgreeFormatError(f"{p}: {key} must be 'int' or 'str', got {t!r}")
-        out[what] = t
-    return out
+
+    def typ(*keys: str) -> str:
+        for k in keys:
+            if k in meta:
+                t = meta[k]
+                if t not in (*ID_TYPES, "mixed"):
+                    raise AgreeFormatError(f"{p}: {k} must be 'int', 'str' or 'mixed', got {t!r}")
+                return "int" if t == "int" else "str"
+        return "str"
+
+    return {"t2i_query": typ("query_id_type"), "t2i_item": typ("text_item_id_type", "image_id_type"),
+            "i2t_query": typ("image_id_type"), "i2t_item": typ("image_item_id_type", "query_id_type")}
 
 
 def to_json_id(item_id: str, typ: str, where: str = "") -> int | str:

@@ -1,0 +1,122 @@
+"""The `retrieve` stage: top-``pool`` candidates with cosine scores, both directions.
+
+Output dir (features/<ds>/retrieval/): ``t2i.parquet`` (a row per test caption: its
+candidate images) and ``i2t.parquet`` (a row per test image: its candidate captions), columns
+``query_id`` (str), ``item_ids`` (list<str>, best first) and ``scores`` (list<float32>),
+with provenance in the schema metadata (index, params, embedding source and fingerprint,
+recall against exact search for an approximate index). No timings there (same inputs, same
+bytes); they go to the report JSON.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.artifacts import read_parquet_provenance, write_parquet
+from pipeline.retrieval.data import RetrievalSet
+from pipeline.retrieval.index import VectorIndex, exact_search, recall_vs_exact
+
+DIRECTIONS = ("t2i", "i2t")
+
+
+def write_pool(path: str | os.PathLike, query_ids: list[str], item_ids: list[str], cand: np.ndarray,
+               scores: np.ndarray, provenance: Mapping[str, Any]) -> Path:
+    """Write candidate lists; ``cand`` (Q, K) rows into ``item_ids`` (-1: empty slot, dropped)."""
+    items = np.asarray(item_ids, dtype=object)
+    ids_col, sc_col = [], []
+    for row, sc in zip(cand, scores):
+        ok = row >= 0
+        ids_col.append(items[row[ok]].tolist())
+        sc_col.append(sc[ok].astype(np.float32))
+    table = pa.table({
+        "query_id": pa.array(query_ids, pa.string()),
+        "item_ids": pa.array(ids_col, pa.list_(pa.string())),
+        "scores": pa.array([s.tolist() for s in sc_col], pa.list_(pa.float32())),
+    })
+    return write_parquet(table, path, dict(provenance))
+
+
+def read_pool(path: str | os.PathLike, query_ids: list[str], item_ids: list[str],
+              query_file: str, item_file: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(cand (Q, K) int64 rows into ``item_ids`` with -1 padding, scores (Q, K) float32, provenance).
+
+    Rows follow ``query_ids``; ids of the pool file that these lists lack are an error
+    naming the pool file and the file the lists come from.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.retrieval.data import IdMismatchError, match_ids
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: not found; it is written by the `retrieve` stage")
+    t = pq.read_table(p)
+    qids = [str(x) for x in t.column("query_id").to_pylist()]
+    rows = match_ids(query_ids, qids, query_file, p, "query")
+    if len(qids) != len(query_ids):
+        extra = sorted(set(qids) - set(query_ids))[:5]
+        raise IdMismatchError(f"{p} has {len(qids)} queries, {query_file} {len(query_ids)} (e.g. extra {extra})")
+    lists = t.column("item_ids").to_pylist()
+    scores = t.column("scores").to_pylist()
+    pos = {k: i for i, k in enumerate(item_ids)}
+    K = max((len(x) for x in lists), default=0)
+    cand = np.full((len(query_ids), K), -1, np.int64)
+    sc = np.full((len(query_ids), K), -np.inf, np.float32)
+    for out_row, r in enumerate(rows):
+        items = lists[r]
+        bad = [i for i in items if i not in pos]
+        if bad:
+            raise IdMismatchError(f"{p}: query {qids[r]!r} lists ids missing from {item_file} (e.g. {bad[:5]}); "
+                                  "the embeddings changed since `retrieve` ran: rerun it")
+        cand[out_row, :len(items)] = [pos[i] for i in items]
+        sc[out_row, :len(items)] = scores[r]
+    return cand, sc, read_parquet_provenance(p)
+
+
+def _index(gallery: np.ndarray, params: Mapping[str, Any]) -> VectorIndex:
+    return VectorIndex(gallery, str(params["index"]), nlist=int(params["nlist"]), nprobe=int(params["nprobe"]),
+                       hnsw_m=int(params["hnsw_m"]), ef_search=int(params["ef_search"]),
+                       ef_construction=int(params["ef_construction"]), threads=int(params["threads"]),
+                       normalize=False)  # RetrievalSet rows are unit already
+
+
+def run_retrieve(rs: RetrievalSet, params: Mapping[str, Any], out_dir: str | os.PathLike,
+                 provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """Search both directions and write ``t2i.parquet`` / ``i2t.parquet``; returns the report."""
+    pool = int(params["pool"])
+    if pool < 1:
+        raise ValueError(f"params.yaml: retrieval.pool must be >= 1, got {pool}")
+    bs = int(params["batch_size"])
+    check = int(params.get("recall_check", 1000))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"pool": pool, "directions": {}}
+    sides = {"t2i": (rs.caption_emb, rs.caption_ids, rs.image_emb, rs.image_ids),
+             "i2t": (rs.image_emb, rs.image_ids, rs.caption_emb, rs.caption_ids)}
+    for d in DIRECTIONS:
+        q, qids, g, gids = sides[d]
+        t0 = time.perf_counter()
+        index = _index(g, params)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores, cand = index.search(q, pool, bs, progress=f"retrieve {d}")
+        search_s = time.perf_counter() - t0
+        info = {k: v for k, v in index.info.items() if k not in ("build_seconds", "threads")}
+        if index.kind != "flat" and check > 0:
+            n = min(check, q.shape[0])
+            _, ex = exact_search(g, q[:n], pool, bs, threads=int(params["threads"]))
+            info["recall_vs_exact"] = {"queries": n, "at_10": recall_vs_exact(cand[:n], ex, 10),
+                                       f"at_{pool}": recall_vs_exact(cand[:n], ex, pool)}
+        prov = {**dict(provenance), "direction": d, "queries": len(qids), "gallery": len(gids),
+                "pool": int(cand.shape[1]), "index": info}
+        write_pool(out / f"{d}.parquet", qids, gids, cand, scores, prov)
+        report["directions"][d] = {**info, "queries": len(qids), "gallery": len(gids),
+                                   "build_s": round(build_s, 4), "search_s": round(search_s, 4),
+                                   "queries_per_s": round(len(qids) / search_s, 1) if search_s > 0 else None}
+    return report

@@ -1,0 +1,40 @@
+"""DVC stage `rerank@<dataset>`: plain, EGR, TBR and EGR+TBR lists as AGREE prediction files.
+
+Reads the candidate pools of `retrieve` and the embeddings they came from; writes
+predictions/<ds>/retrieval/{texts,images}_<method>.jsonl and metrics/<ds>/rerank_report.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline.artifacts import read_parquet_provenance, write_json
+from pipeline.params import load_params
+from pipeline.paths import project_path
+from pipeline.retrieval.agree_io import load_id_types
+from pipeline.retrieval.data import load_retrieval_set
+from pipeline.retrieval.rerank_job import run_rerank
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
+    args = ap.parse_args(argv)
+    ds = args.dataset
+    params = load_params("rerank", item=ds)["rerank"]
+    t0 = time.perf_counter()
+    pool_dir = project_path(f"features/{ds}/retrieval")
+    source = read_parquet_provenance(pool_dir / "t2i.parquet").get("source", "zero_shot")
+    rs = load_retrieval_set(ds, source)
+    id_types = load_id_types(project_path(f"data/prepared/{ds}/meta.json"))
+    prov = {"stage": "rerank", "dataset": ds, "source": source, "params": params.to_dict(), "id_types": id_types}
+    report = run_rerank(rs, pool_dir, params, id_types, project_path(f"predictions/{ds}/retrieval"), prov)
+    report["total_s"] = round(time.perf_counter() - t0, 3)
+    write_json(project_path(f"metrics/{ds}/rerank_report.json"), report)
+    print(f"rerank@{ds}: EGR {report['egr_s']:.3f} s, TBR {report['tbr_s']:.3f} s; lists changed vs plain: "
+          + ", ".join(f"{k} {v}" for k, v in report["lists_changed_vs_plain"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

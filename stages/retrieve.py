@@ -1,0 +1,48 @@
+"""DVC stage `retrieve@<dataset>`: FAISS top-`retrieval.pool` candidates, both directions, test split.
+
+Embeddings: the zero-shot caches (features/<ds>/patches `pooled`, features/<ds>/captions),
+or the align stage's adapted ones when `align_retrieval.enabled`. Writes
+features/<ds>/retrieval/{t2i,i2t}.parquet and metrics/<ds>/retrieve_report.json (timings).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline.artifacts import package_versions, write_json
+from pipeline.params import load_params
+from pipeline.paths import project_path
+from pipeline.retrieval.data import load_retrieval_set
+from pipeline.retrieval.retrieve_job import run_retrieve
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
+    args = ap.parse_args(argv)
+    ds = args.dataset
+    params = load_params("retrieve", item=ds)
+    if params["datasets"][ds]["kind"] != "retrieval":
+        raise ValueError(f"params.yaml: datasets.{ds}.kind is {params['datasets'][ds]['kind']!r}, not 'retrieval'")
+    source = "aligned" if params["align_retrieval"]["enabled"] else "zero_shot"
+    t0 = time.perf_counter()
+    rs = load_retrieval_set(ds, source)
+    load_s = time.perf_counter() - t0
+    prov = {"stage": "retrieve", "dataset": ds, "source": source, "embeddings_fingerprint": rs.fingerprint(),
+            "image_cache": {"file": rs.info["image_file"], "fingerprint": rs.info["image_provenance"].get("fingerprint")},
+            "caption_cache": {"file": rs.info["caption_file"],
+                              "fingerprint": rs.info["caption_provenance"].get("fingerprint")},
+            "params": params["retrieval"].to_dict(), "versions": package_versions("faiss-cpu", "numpy")}
+    report = run_retrieve(rs, params["retrieval"], project_path(f"features/{ds}/retrieval"), prov)
+    info = {k: v for k, v in rs.info.items() if not k.endswith("_provenance")}
+    write_json(project_path(f"metrics/{ds}/retrieve_report.json"),
+               {**report, "set": info, "load_s": round(load_s, 3), "total_s": round(time.perf_counter() - t0, 3)})
+    for d, r in report["directions"].items():
+        extra = f", recall@10 vs exact {r['recall_vs_exact']['at_10']:.4f}" if "recall_vs_exact" in r else ""
+        print(f"retrieve@{ds} {d}: {r['queries']} queries x {r['gallery']} ({r['kind']}) "
+              f"in {r['search_s']:.3f} s{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
