@@ -93,3 +93,148 @@ def test_hnsw_recall_against_exact():
     assert recall_vs_exact(approx, exact, 10) == pytest.approx(overlap(approx, exact, 10))
     idx2 = VectorIndex(g, "hnsw", hnsw_m=16, ef_search=400, ef_construction=100, threads=1)
     assert recall_vs_exact(idx2.search(q, 10)[1], exact, 10) >= 0.95  # wide search on 8-d data
+
+
+# ---- the retrieval set from real cache files; ids that do not match between files -----------
+
+import json  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+
+from pipeline.artifacts import write_parquet  # noqa: E402
+from pipeline.retrieval.data import IdMismatchError, load_retrieval_set  # noqa: E402
+from pipeline.stores.shards import write_shard  # noqa: E402
+from pipeline.stores.tables import write_caption_features  # noqa: E402
+
+D, S = 8, 3
+
+
+def make_project(root, n_img=6, caps_per=2, drop_cache_caption=None, drop_cache_image=None, seed=0):
+    """data/prepared/toy + features/toy/{patches,captions} with real writers; test split only."""
+    rng = np.random.default_rng(seed)
+    prep = root / "data" / "prepared" / "toy"
+    prep.mkdir(parents=True)
+    imgs = [str(100 + i) for i in range(n_img)]
+    caps = [(str(c), imgs[c // caps_per]) for c in range(n_img * caps_per)]
+    write_parquet(pa.table({"split": ["test"] * len(caps), "caption_id": [c for c, _ in caps],
+                            "text": ["t"] * len(caps), "image_ids": [[i] for _, i in caps],
+                            "entities": [["e"]] * len(caps)}), prep / "captions.parquet", {})
+    write_parquet(pa.table({"split": ["test"] * n_img, "image_id": imgs,
+                            "caption_ids": [[c for c, i in caps if i == im] for im in imgs]}),
+                  prep / "gallery.parquet", {})
+    (prep / "meta.json").write_text(json.dumps({"query_id_type": "int", "image_id_type": "str"}))
+    img_emb = rng.standard_normal((n_img, D)).astype(np.float32)
+    keep = [i for i in imgs if i != drop_cache_image]
+    write_shard(root / "features/toy/patches/shard-00000.h5", keep,
+                {"pooled": img_emb[[imgs.index(i) for i in keep]], "is_fallback": np.zeros(len(keep), bool)},
+                {"model": "toy"}, "fp")
+    # captions near their image, so retrieval finds them
+    cap_emb = np.stack([img_emb[imgs.index(i)] + 0.3 * rng.standard_normal(D) for _, i in caps]).astype(np.float32)
+    # entity prompts: noisier views of the image; masked captions: unrelated
+    prompts = np.stack([img_emb[imgs.index(i)] + 0.8 * rng.standard_normal((S, D)) for _, i in caps])
+    ckeep = [k for k, (c, _) in enumerate(caps) if c != drop_cache_caption]
+    write_caption_features(root / "features/toy/captions", [caps[k][0] for k in ckeep], cap_emb[ckeep],
+                           prompts[ckeep], rng.standard_normal((len(ckeep), S, D)),
+                           rng.integers(0, 4, len(ckeep)), {"model": "toy"})
+    return img_emb, cap_emb, imgs, caps
+
+
+def test_retrieval_set_matches_ids_and_normalises(tmp_path):
+    img_emb, cap_emb, imgs, caps = make_project(tmp_path)
+    rs = load_retrieval_set("toy", root=tmp_path)
+    assert rs.image_ids == imgs and rs.caption_ids == [c for c, _ in caps]
+    np.testing.assert_allclose(rs.image_emb, img_emb / np.linalg.norm(img_emb, axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(rs.mask_emb, axis=-1), 1.0, atol=1e-5)
+    assert rs.t2i_gold["3"] == ["101"] and rs.i2t_gold["101"] == ["2", "3"]
+    assert rs.fingerprint() == load_retrieval_set("toy", root=tmp_path).fingerprint()
+
+
+def test_caption_cache_vs_manifest_mismatch_names_both_files(tmp_path):
+    make_project(tmp_path, drop_cache_caption="5")
+    with pytest.raises(IdMismatchError) as e:
+        load_retrieval_set("toy", root=tmp_path)
+    msg = str(e.value)
+    assert "data/prepared/toy/captions.parquet" in msg and "features/toy/captions/captions.parquet" in msg
+    assert "'5'" in msg
+
+
+def test_embeddings_vs_gallery_mismatch_names_both_files(tmp_path):
+    make_project(tmp_path, drop_cache_image="103")
+    with pytest.raises(IdMismatchError) as e:
+        load_retrieval_set("toy", root=tmp_path)
+    msg = str(e.value)
+    assert "data/prepared/toy/gallery.parquet" in msg and "features/toy/patches" in msg and "'103'" in msg
+
+
+def test_retrieve_rerank_score_jobs_end_to_end(tmp_path):
+    from pipeline.metrics.recall import recall_at_k
+    from pipeline.retrieval.agree_io import load_id_types, read_predictions, read_result
+    from pipeline.retrieval.rerank_job import run_rerank
+    from pipeline.retrieval.retrieve_job import read_pool, run_retrieve
+    from pipeline.retrieval.score_job import run_score
+
+    make_project(tmp_path)
+    rs = load_retrieval_set("toy", root=tmp_path)
+    rparams = {"index": "flat", "pool": 5, "nlist": 4, "nprobe": 1, "hnsw_m": 8, "ef_search": 16,
+               "ef_construction": 16, "recall_check": 10, "threads": 1, "batch_size": 4}
+    pools = tmp_path / "features/toy/retrieval"
+    run_retrieve(rs, rparams, pools, {"embeddings_fingerprint": rs.fingerprint()})
+    cand, sc, prov = read_pool(pools / "t2i.parquet", rs.caption_ids, rs.image_ids, "caps", "imgs")
+    ref_s, ref_i = brute(rs.image_emb, rs.caption_emb, 5)
+    np.testing.assert_array_equal(cand, ref_i)
+    assert prov["direction"] == "t2i" and prov["pool"] == 5
+    # ivf reports its recall against exact search in the provenance
+    run_retrieve(rs, {**rparams, "index": "ivf"}, tmp_path / "ivf", {})
+    _, _, p2 = read_pool(tmp_path / "ivf" / "i2t.parquet", rs.image_ids, rs.caption_ids, "imgs", "caps")
+    assert 0.0 <= p2["index"]["recall_vs_exact"]["at_10"] <= 1.0 and p2["index"]["nlist"] == 4
+
+    rerank = {"top_k": 3, "pool": 5, "egr": {"pad": "agree", "t2i": {"s": 0.9, "mask": 0.1, "s1": 0.99, "prompt": 0.01},
+                                             "i2t": {"s": 0.8, "prompt": 0.2, "s1": 0.98, "mask": 0.02}},
+              "tbr": {"absent_rank": 10000}}
+    types = load_id_types(tmp_path / "data/prepared/toy/meta.json")
+    preds = tmp_path / "pred"
+    run_rerank(rs, pools, rerank, types, preds, {})
+    first = (preds / "texts_plain.jsonl").read_text().splitlines()[0]
+    assert first == json.dumps({"query_id": 0, "item_ids": [rs.image_ids[i] for i in ref_i[0, :3]]})
+    assert (preds / "images_egr_tbr.jsonl").read_text().startswith('{"image_id": "100", "item_ids": [')
+    out = run_score(preds, rs.t2i_gold, rs.i2t_gold, [1, 5, 10], {"t2i": "caps", "i2t": "gallery"},
+                    tmp_path / "m.json", tmp_path / "agree", tmp_path / "p.csv", tmp_path / "p.png")
+    want = recall_at_k(read_predictions(preds / "texts_plain.jsonl", "t2i"), rs.t2i_gold)
+    assert out["metrics"]["t2i_plain_r1"] == want["r1"] and out["metrics"]["t2i_plain_mean"] == want["mean"]
+    assert read_result(tmp_path / "agree" / "image_output_egr.json")["r5"] == out["metrics"]["i2t_egr_r5"]
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("k,t2i_plain,t2i_egr,t2i_tbr,t2i_egr_tbr")
+    assert any("lists hold 3 items" in n for n in out["notes"])
+    # lists for other embeddings than the pools were made from are refused
+    rs.image_emb = rs.image_emb[::-1].copy()
+    with pytest.raises(ValueError, match="other embeddings"):
+        run_rerank(rs, pools, rerank, types, preds, {})
+
+
+def test_align_heads_are_deterministic_and_learn(tmp_path):
+    from pipeline.retrieval.align import AlignConfig, train_heads
+
+    make_project(tmp_path, n_img=12)
+    rs = load_retrieval_set("toy", root=tmp_path)
+    cfg = AlignConfig(enabled=True, epochs=15, lr=0.01, batch_size=6, temperature=0.1, dim=4, seed=3, entity_weight=0.5)
+    wi, wt, hist = train_heads(rs, cfg)
+    wi2, wt2, _ = train_heads(rs, cfg)
+    assert wi.shape == (D, 4)
+    np.testing.assert_array_equal(wi, wi2)
+    np.testing.assert_array_equal(wt, wt2)
+    assert len(hist) == 15 and all(np.isfinite(h["loss"]) for h in hist)
+
+    def full_nce(wi, wt):  # independent numpy InfoNCE, every image with all its captions, image side
+        zi = rs.image_emb @ wi
+        zt = rs.caption_emb @ wt
+        zi /= np.linalg.norm(zi, axis=1, keepdims=True)
+        zt /= np.linalg.norm(zt, axis=1, keepdims=True)
+        logits = zi @ zt.T / 0.1  # (images, captions)
+        gold = np.array([[rs.image_ids[i] in rs.t2i_gold[c] for c in rs.caption_ids] for i in range(len(rs.image_ids))])
+        lse = np.log(np.exp(logits).sum(1, keepdims=True))
+        return float(-(np.where(gold, logits - lse, 0).sum() / gold.sum()))
+
+    from pipeline.retrieval.align import init_head
+
+    w0 = init_head(D, 4, 3)
+    assert full_nce(wi, wt) < full_nce(w0, w0) - 0.05
