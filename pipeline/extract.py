@@ -19,7 +19,9 @@ changed, added or removed image recomputes only the shards it touches.
 
 Every stage writes ``report.json`` beside its outputs (``report-shard-IIII-of-NNNN.json``
 when run as one of several shard workers): counts, image statuses and fallbacks by reason,
-shards written/skipped, seconds and items/s. Artifacts themselves carry no timings.
+shards written/skipped, seconds and items/s. Artifacts themselves carry no timings. An image
+stage run that finds every shard done (e.g. after a change of ``clip.workers``) leaves the
+existing report alone, so the output dir stays byte-identical and nothing downstream reruns.
 """
 from __future__ import annotations
 
@@ -310,7 +312,13 @@ def _run_image_stage(stage: str, setup: ImageStageSetup, out_dir: Path, run_fp: 
         **(extra_report or {}),
         "seconds_total": round(time.perf_counter() - t0, 3),
     }
-    write_report(out_dir, report, shard_index, shard_count)
+    # a run that changed nothing keeps the report of the run that wrote the cache, so the
+    # output dir stays byte-identical and DVC does not rerun the stages downstream
+    path = report_path(out_dir, shard_index, shard_count)
+    if stats["shards_written"] == 0 and stats["shards_deleted"] == 0 and path.is_file():
+        report["report_kept"] = str(path)
+    else:
+        write_report(out_dir, report, shard_index, shard_count)
     return report
 
 

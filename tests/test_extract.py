@@ -168,8 +168,11 @@ def test_resume_after_a_kill_gives_identical_shards(project, monkeypatch, tmp_pa
 def test_fingerprint_follows_clip_params_not_execution_knobs(project, tmp_path):
     first = extract_patches("ds", params("patches"))
     # execution knobs (batch size, workers, threads) reuse every shard
+    out = project / "features/ds/patches"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = extract_patches("ds", params("patches", **{"clip.batch_size": 3, "clip.threads": 2}))
     assert again["fingerprint"] == first["fingerprint"] and again["shards_skipped"] == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # report.json kept too: DVC sees no change
     # other weights: a new fingerprint, every shard recomputed
     torch.manual_seed(5)
     import open_clip
