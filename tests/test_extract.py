@@ -330,3 +330,19 @@ def test_caption_features_end_to_end(project):
     np.testing.assert_allclose(c.mask_emb[1], enc(["", "", ""]), atol=1e-5)  # AGREE: padding is encoded too
     assert report["entities_cut"] == 1 and report["captions_without_entities"] == 1
     assert c.provenance["params"]["slots"] == 3
+
+
+def test_shard_feeder_serves_unplanned_requests_too(project):
+    from pipeline.data.images import ImagePolicy
+    from pipeline.extract import ImageDataset, ShardFeeder, read_image_records
+
+    records = read_image_records(project / "data/prepared/ds")
+    ds = ImageDataset(records, ImagePolicy(), raw=True)
+    feeder = ShardFeeder(ds, [["a", "b", "c"], ["d", "e", "f"]], batch_size=2, workers=0)
+    out_of_plan = feeder.take(["m", "e"])
+    assert [b["ids"] for b in out_of_plan] == [["m", "e"]] and out_of_plan[0]["statuses"] == ["missing", "ok"]
+    assert [b["ids"] for b in feeder.take(["a", "b", "c"])] == [["a", "b"], ["c"]]
+    got = feeder.take(["d", "e", "f"])
+    assert [b["ids"] for b in got] == [["d", "e"], ["f"]]
+    assert got[0]["images"][0].shape == (70, 50, 3)  # greyscale d, converted to RGB
+    assert got[0]["is_fallback"].tolist() == [False, False]
