@@ -95,6 +95,12 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ExtractError(f"params.yaml: {name}: must be an integer >= 0, got {value!r}")
+    return value
+
+
 # ---- the image manifest -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -271,7 +277,7 @@ def _image_setup(dataset: str, params: Mapping[str, Any]) -> ImageStageSetup:
         policy=ImagePolicy.from_params(params["images"]),
         shard_size=_positive_int(params["shards"]["size"], "shards.size"),
         batch_size=_positive_int(clip["batch_size"], "clip.batch_size"),
-        workers=int(clip["workers"]),
+        workers=_non_negative_int(clip["workers"], "clip.workers"),
         device=resolve_device(clip.get("device", "cpu")),
     )
 
