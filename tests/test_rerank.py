@@ -4,6 +4,8 @@ import pytest
 
 from pipeline.retrieval.rerank import (
     EgrWeights,
+    egr_order,
+    egr_t2i_from_embeddings,
     egr_rerank,
     egr_scores,
     i2t_slot_scores,
@@ -116,7 +118,7 @@ def test_slot_mask_and_params():
                                 "i2t": {"s": 1, "prompt": 1, "s1": 1, "mask": "x"}})
 
 
-def test_slot_scores_match_loops_both_paths():
+def test_slot_scores_match_loops():
     rng = np.random.default_rng(0)
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
     img = unit(rng.standard_normal((7, 8))).astype(np.float32)
@@ -131,16 +133,34 @@ def test_slot_scores_match_loops_both_paths():
                 assert p[q, k, j] == pytest.approx(float(prm[q, j] @ img[cand_t[q, k]]), abs=1e-6)
     cand_i = rng.integers(0, 5, (7, 4))
     cand_i[0, 3] = -1
-    dense = i2t_slot_scores(img, cand_i, mask, prm, batch_size=3)  # 5 captions <= 16*K: dense path
-    # 100 captions > 16*K: the gather path (the first 5 rows are the same captions)
-    gather = i2t_slot_scores(img, cand_i, np.concatenate([mask] * 20), np.concatenate([prm] * 20), batch_size=3)
+    m, p = i2t_slot_scores(img, cand_i, mask, prm)
     for q in range(7):
         for k in range(4):
             c = cand_i[q, k]
             for j in range(3):
-                want = 0.0 if c < 0 else float(mask[c, j] @ img[q])
-                assert dense[0][q, k, j] == pytest.approx(want, abs=1e-6)
-                assert gather[0][q, k, j] == pytest.approx(want, abs=1e-6)
+                assert m[q, k, j] == pytest.approx(0.0 if c < 0 else float(mask[c, j] @ img[q]), abs=1e-6)
+                assert p[q, k, j] == pytest.approx(0.0 if c < 0 else float(prm[c, j] @ img[q]), abs=1e-6)
+
+
+def test_fast_t2i_path_equals_per_slot_formula():
+    rng = np.random.default_rng(5)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    img = unit(rng.standard_normal((30, 16))).astype(np.float32)
+    cap = unit(rng.standard_normal((12, 16))).astype(np.float32)
+    mask = unit(rng.standard_normal((12, 4, 16))).astype(np.float32)
+    prm = unit(rng.standard_normal((12, 4, 16))).astype(np.float32)
+    cand = np.argsort(-(cap @ img.T), 1)[:, :10]
+    cand[0, 9] = -1
+    s = np.take_along_axis(cap @ img.T, np.maximum(cand, 0), 1)
+    for pad, n_ent in (("agree", rng.integers(0, 6, 12)), ("entities", np.array([0, 1, 2, 3, 4, 5] * 2))):
+        counted = slot_mask(n_ent, 4, pad)
+        m, p = t2i_slot_scores(img, cand, mask, prm)
+        ref_S, ref_S1 = egr_scores("t2i", s, m, p, counted[:, None, :])
+        S, S1 = egr_t2i_from_embeddings(img, cand, s, mask, prm, counted)
+        ok = cand >= 0
+        np.testing.assert_allclose(S[ok], ref_S[ok], atol=1e-6)
+        np.testing.assert_allclose(S1[ok], ref_S1[ok], atol=1e-6)
+        np.testing.assert_array_equal(egr_order(S, S1, s, ok), egr_order(ref_S, ref_S1, s, ok))
 
 
 # ---- TBR ----------------------------------------------------------------------------------

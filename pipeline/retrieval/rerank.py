@@ -83,28 +83,36 @@ def slot_mask(n_entities: np.ndarray, slots: int, pad: str) -> np.ndarray:
 # ---- EGR ----------------------------------------------------------------------------------
 
 def egr_scores(direction: str, s: np.ndarray, m: np.ndarray, p: np.ndarray, counted: np.ndarray,
-               w: EgrWeights = EgrWeights()) -> tuple[np.ndarray, np.ndarray]:
+               w: EgrWeights = EgrWeights(), chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """EGR scores (S, S1), both (Q, K) float64.
 
     s (Q, K) caption-image cosines; m, p (Q, K, S) masked-caption / prompt cosines per slot;
     counted: bool, broadcastable to (Q, K, S) (t2i: (Q, 1, S) from the query caption;
-    i2t: (Q, K, S) from each candidate caption).
+    i2t: (Q, K, S) from each candidate caption). Float64 arithmetic, ``chunk`` rows at a time.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be t2i or i2t, got {direction!r}")
     s = np.asarray(s, np.float64)
-    m = np.asarray(m, np.float64)
-    p = np.asarray(p, np.float64)
-    c = np.broadcast_to(np.asarray(counted, bool), m.shape)
-    n = c.sum(-1)  # (Q, K) counted slots
-    diff = s[..., None] - m  # (Q, K, S)
-    p_sum = np.where(c, p, 0.0).sum(-1)
-    p_mean = np.divide(p_sum, n, out=s.copy(), where=n > 0)  # no counted slot: p := s
-    if direction == "t2i":
-        s1 = w.t2i_s * s + w.t2i_mask * np.where(c, diff, 0.0).sum(-1)
-        return w.t2i_s1 * s1 + w.t2i_prompt * p_mean, s1
-    s1 = w.i2t_s * s + w.i2t_prompt * p_mean
-    return w.i2t_s1 * s1 + w.i2t_mask * np.where(c, np.minimum(0.0, diff), 0.0).sum(-1), s1
+    m, p = np.asarray(m), np.asarray(p)
+    Q, K = s.shape
+    c_all = np.broadcast_to(np.asarray(counted, bool), m.shape)
+    S_out = np.empty((Q, K))
+    S1_out = np.empty((Q, K))
+    for a in range(0, Q, chunk):
+        b = min(a + chunk, Q)
+        sc, c = s[a:b], c_all[a:b]
+        n = c.sum(-1)  # (B, K) counted slots
+        diff = sc[..., None] - m[a:b].astype(np.float64)  # (B, K, S)
+        p_sum = np.where(c, p[a:b], 0).sum(-1, dtype=np.float64)
+        p_mean = np.divide(p_sum, n, out=sc.copy(), where=n > 0)  # no counted slot: p := s
+        if direction == "t2i":
+            s1 = w.t2i_s * sc + w.t2i_mask * np.where(c, diff, 0.0).sum(-1)
+            S_out[a:b] = w.t2i_s1 * s1 + w.t2i_prompt * p_mean
+        else:
+            s1 = w.i2t_s * sc + w.i2t_prompt * p_mean
+            S_out[a:b] = w.i2t_s1 * s1 + w.i2t_mask * np.where(c, np.minimum(0.0, diff), 0.0).sum(-1)
+        S1_out[a:b] = s1
+    return S_out, S1_out
 
 
 def egr_order(S: np.ndarray, S1: np.ndarray, s: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -133,6 +141,19 @@ def plain_lists(cand: np.ndarray, s: np.ndarray, top_k: int) -> np.ndarray:
 
 # ---- per-slot cosines from embeddings -----------------------------------------------------
 
+def _one_blas_thread():
+    """Context: single-threaded BLAS. The slot scores are many small GEMMs, for which
+    OpenBLAS's thread hand-off costs more than it saves (10x slower with 2 threads on a
+    loaded 2-core machine). Uses threadpoolctl when installed, else changes nothing."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def t2i_slot_scores(image_emb: np.ndarray, cand: np.ndarray, mask_q: np.ndarray, prompt_q: np.ndarray,
                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """m, p (Q, K, S) float32 for caption queries.
@@ -144,49 +165,81 @@ def t2i_slot_scores(image_emb: np.ndarray, cand: np.ndarray, mask_q: np.ndarray,
     S = mask_q.shape[1]
     m = np.zeros((Q, K, S), np.float32)
     p = np.zeros((Q, K, S), np.float32)
-    for a in range(0, Q, batch_size):
-        b = min(a + batch_size, Q)
-        g = image_emb[np.maximum(cand[a:b], 0)]  # (B, K, D)
-        m[a:b] = np.matmul(g, mask_q[a:b].transpose(0, 2, 1))  # (B, K, S)
-        p[a:b] = np.matmul(g, prompt_q[a:b].transpose(0, 2, 1))
+    with _one_blas_thread():
+        for a in range(0, Q, batch_size):
+            b = min(a + batch_size, Q)
+            g = image_emb[np.maximum(cand[a:b], 0)]  # (B, K, D)
+            # contiguous (B, D, 2S) operand: numpy's batched matmul uses BLAS only for such (~50x)
+            w = np.ascontiguousarray(np.concatenate([mask_q[a:b], prompt_q[a:b]], 1).transpose(0, 2, 1))
+            r = np.matmul(g, w)  # (B, K, 2S)
+            m[a:b] = r[..., :S]
+            p[a:b] = r[..., S:]
     empty = cand < 0
     m[empty] = 0.0
     p[empty] = 0.0
     return m, p
 
 
-def i2t_slot_scores(image_q: np.ndarray, cand: np.ndarray, mask_emb: np.ndarray, prompt_emb: np.ndarray,
-                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def egr_t2i_from_embeddings(image_emb: np.ndarray, cand: np.ndarray, s: np.ndarray, mask_q: np.ndarray,
+                            prompt_q: np.ndarray, counted_q: np.ndarray, w: EgrWeights = EgrWeights(),
+                            batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """EGR t2i scores (S, S1) (Q, K) straight from embeddings, without per-slot cosines.
+
+    The t2i terms are linear in the slots: sum_J (s - m_j) = n s - (sum_J mask_j) . image and
+    mean_J p_j = (mean_J prompt_j) . image, so each candidate costs 2 dot products instead of
+    2 S. Same formulas as :func:`egr_scores` (equal up to float rounding; a test checks it).
+    counted_q (Q, S) bool; cand (Q, K) image rows (-1: empty).
+    """
+    s = np.asarray(s, np.float64)
+    cq = np.asarray(counted_q, bool)
+    n = cq.sum(1).astype(np.float64)  # (Q,)
+    msum = np.einsum("qs,qsd->qd", cq.astype(np.float64), mask_q)  # (Q, D)
+    pmean = np.einsum("qs,qsd->qd", cq.astype(np.float64), prompt_q) / np.maximum(n, 1)[:, None]
+    v = np.ascontiguousarray(np.stack([msum, pmean], 2).astype(np.float32))  # (Q, D, 2)
+    Q, K = cand.shape
+    r = np.zeros((Q, K, 2), np.float64)
+    bs = max(1, min(batch_size, Q))
+    buf = np.empty((bs, K, image_emb.shape[1]), image_emb.dtype)  # reused: no page faults per batch
+    with _one_blas_thread():
+        for a in range(0, Q, bs):
+            b = min(a + bs, Q)
+            g = np.take(image_emb, np.maximum(cand[a:b], 0), axis=0, out=buf[:b - a])  # (B, K, D)
+            r[a:b] = np.matmul(g, v[a:b])  # (B, K, D) @ (B, D, 2)
+    mask_term = n[:, None] * s - r[..., 0]
+    p_mean = np.where(n[:, None] > 0, r[..., 1], s)  # no counted slot: p := s
+    s1 = w.t2i_s * s + w.t2i_mask * mask_term
+    return w.t2i_s1 * s1 + w.t2i_prompt * p_mean, s1
+
+
+def i2t_slot_scores(image_q: np.ndarray, cand: np.ndarray, mask_emb: np.ndarray,
+                    prompt_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """m, p (Q, K, S) float32 for image queries.
 
-    image_q (Q, D) the query images (unit rows); cand (Q, K) caption rows (-1: empty);
-    mask_emb, prompt_emb (Nc, S, D) every caption's slot embeddings. Small caption sets are
-    scored densely (one GEMM per batch, then gathered), large ones by gathering the
-    candidates' slots first; both give the same cosines up to float rounding.
+    image_q (Q, D) the query images (unit rows); cand (Q, K) caption rows (-1: empty, scored 0);
+    mask_emb, prompt_emb (Nc, S, D) every caption's slot embeddings. The (image, caption)
+    pairs are grouped by caption, so each caption's S slots meet all images that hold it
+    in one small GEMM: only the needed dot products, and one image row gathered per pair
+    instead of 2 S slot rows.
     """
     Q, K = cand.shape
-    Nc, S, D = mask_emb.shape
-    m = np.zeros((Q, K, S), np.float32)
-    p = np.zeros((Q, K, S), np.float32)
-    dense = Nc <= 16 * K
-    if dense:
-        flat_m = mask_emb.reshape(Nc * S, D)
-        flat_p = prompt_emb.reshape(Nc * S, D)
-    for a in range(0, Q, batch_size):
-        b = min(a + batch_size, Q)
-        c = np.maximum(cand[a:b], 0)  # (B, K)
-        if dense:
-            idx = (c[:, :, None] * S + np.arange(S)).reshape(b - a, K * S)  # (B, K*S)
-            m[a:b] = np.take_along_axis(image_q[a:b] @ flat_m.T, idx, 1).reshape(b - a, K, S)
-            p[a:b] = np.take_along_axis(image_q[a:b] @ flat_p.T, idx, 1).reshape(b - a, K, S)
-        else:
-            q = image_q[a:b, :, None]  # (B, D, 1)
-            m[a:b] = np.matmul(mask_emb[c].reshape(b - a, K * S, D), q).reshape(b - a, K, S)
-            p[a:b] = np.matmul(prompt_emb[c].reshape(b - a, K * S, D), q).reshape(b - a, K, S)
-    empty = cand < 0
-    m[empty] = 0.0
-    p[empty] = 0.0
-    return m, p
+    S = mask_emb.shape[1]
+    m = np.zeros((Q * K, S), np.float32)
+    p = np.zeros((Q * K, S), np.float32)
+    flat = cand.reshape(-1)
+    pairs = np.flatnonzero(flat >= 0)  # positions in (Q*K)
+    order = pairs[np.argsort(flat[pairs], kind="stable")]  # grouped by caption
+    caps = flat[order]
+    starts = np.flatnonzero(np.r_[True, caps[1:] != caps[:-1]]) if caps.size else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], caps.size]
+    with _one_blas_thread():
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            c = caps[a]
+            pos = order[a:b]
+            w = np.ascontiguousarray(np.concatenate([mask_emb[c], prompt_emb[c]]).T)  # (D, 2S), BLAS-friendly
+            r = image_q[pos // K] @ w  # (n_c, D) @ (D, 2S)
+            m[pos] = r[:, :S]
+            p[pos] = r[:, S:]
+    return m.reshape(Q, K, S), p.reshape(Q, K, S)
 
 
 # ---- TBR ----------------------------------------------------------------------------------
@@ -194,23 +247,21 @@ def i2t_slot_scores(image_q: np.ndarray, cand: np.ndarray, mask_emb: np.ndarray,
 def _back_rank(back: np.ndarray, n_queries: int, cand: np.ndarray, absent: int) -> np.ndarray:
     """b[q, r] = rank of q in the back list of cand[q, r] (first occurrence), else ``absent``."""
     G, Kb = back.shape
-    rows = np.repeat(np.arange(G, dtype=np.int64), Kb)
-    vals = back.reshape(-1).astype(np.int64)
-    ranks = np.tile(np.arange(Kb, dtype=np.int64), G)
-    ok = vals >= 0
-    keys = rows[ok] * n_queries + vals[ok]
-    ranks = ranks[ok]
-    order = np.lexsort((ranks, keys))  # by key, then rank: the first occurrence comes first
-    keys, ranks = keys[order], ranks[order]
-    first = np.ones(keys.size, bool)
-    first[1:] = keys[1:] != keys[:-1]
+    flat = back.reshape(-1).astype(np.int64)
+    ok = flat >= 0
+    pos = np.flatnonzero(ok)
+    # one int64 key per (back-list row, query), with the rank in the low digits: sorting
+    # groups each pair with its smallest rank first
+    code = np.sort(((pos // Kb) * n_queries + flat[ok]) * Kb + pos % Kb)
+    keys, ranks = code // Kb, code % Kb
+    first = np.r_[True, keys[1:] != keys[:-1]] if keys.size else np.zeros(0, bool)
     keys, ranks = keys[first], ranks[first]
     if keys.size == 0:
         return np.full(cand.shape, absent, dtype=np.int64)
     want = np.where(cand >= 0, cand.astype(np.int64) * n_queries + np.arange(cand.shape[0])[:, None], -1)  # (Q, K)
-    pos = np.minimum(np.searchsorted(keys, want), keys.size - 1)
-    found = (cand >= 0) & (keys[pos] == want)
-    return np.where(found, ranks[pos], absent)
+    at = np.minimum(np.searchsorted(keys, want), keys.size - 1)
+    found = (cand >= 0) & (keys[at] == want)
+    return np.where(found, ranks[at], absent)
 
 
 def tbr_rerank(fwd: np.ndarray, back: np.ndarray, absent_rank: int = 10000) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +295,7 @@ def rerank_all(
     t2i_cand: np.ndarray, t2i_s: np.ndarray, i2t_cand: np.ndarray, i2t_s: np.ndarray,
     image_emb: np.ndarray, mask_emb: np.ndarray, prompt_emb: np.ndarray, n_entities: np.ndarray,
     *, top_k: int = 20, pool: int = 128, pad: str = "agree", weights: EgrWeights = EgrWeights(),
-    absent_rank: int = 10000, batch_size: int = 256, timings: dict | None = None,
+    absent_rank: int = 10000, batch_size: int = 16, timings: dict | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Plain, EGR, TBR and EGR+TBR lists for both directions: ``{method: {direction: (Q, <=top_k)}}``.
 
@@ -272,9 +323,9 @@ def rerank_all(
 
     t0 = time.perf_counter()
     counted = slot_mask(n_entities, mask_emb.shape[1], pad)  # (Nc, S)
-    m, p = t2i_slot_scores(image_emb, t2i_cand, mask_emb, prompt_emb, batch_size)
-    out["egr"]["t2i"] = egr_rerank("t2i", t2i_cand, t2i_s, m, p, counted[:, None, :], top_k, weights)
-    m, p = i2t_slot_scores(image_emb, i2t_cand, mask_emb, prompt_emb, max(1, batch_size // 4))
+    S_, S1 = egr_t2i_from_embeddings(image_emb, t2i_cand, t2i_s, mask_emb, prompt_emb, counted, weights, batch_size)
+    out["egr"]["t2i"] = np.take_along_axis(t2i_cand, egr_order(S_, S1, t2i_s, t2i_cand >= 0), 1)[:, :top_k]
+    m, p = i2t_slot_scores(image_emb, i2t_cand, mask_emb, prompt_emb)
     out["egr"]["i2t"] = egr_rerank("i2t", i2t_cand, i2t_s, m, p, counted[np.maximum(i2t_cand, 0)], top_k, weights)
     del m, p
     t["egr_s"] = time.perf_counter() - t0
