@@ -213,8 +213,8 @@ def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir
     from pipeline.mner.data import make_collate, open_caches, type_prompt_tensor
 
     tcfg = TrainConfig.from_params(train, align)
-    probe = MNERConfig.from_params(fusion, align, types=["_"], d_text=1, d_pooled=1, d_patch=1, d_region=1)
-    caches = open_caches(dataset, probe.uses_patches, probe.uses_regions)
+    use_image = bool(fusion["use_image"])  # a switched-off branch is never opened
+    caches = open_caches(dataset, use_image and bool(fusion["use_patches"]), use_image and bool(fusion["use_regions"]))
     types = sorted(caches.text.types)
     mcfg = MNERConfig.from_params(fusion, align, types=types, **caches.dims())
     tag_index = {t: i for i, t in enumerate(mcfg.tags)}
