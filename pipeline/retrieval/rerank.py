@@ -14,6 +14,9 @@ cos(masked caption j, image), p_j = cos(prompt j, image), over the counted slots
 
 The pool (the first ``pool`` candidates by s) is sorted by S descending; ties keep the order
 by S1, then by s, then the pool order (one stable lexsort); the top ``top_k`` are kept.
+:func:`egr_scores` is the per-slot reference; :func:`rerank_all` computes the t2i terms with
+:func:`egr_t2i_from_embeddings` (the same sums, taken over the slot vectors first: 2 dot
+products per candidate instead of 2 S; equal up to float rounding, checked by a test).
 
 Counted slots (``pad``): ``agree`` counts all S slots, the "" padding included, as AGREE
 does; ``entities`` counts only the first min(n_entities, S) slots. A caption with no
