@@ -74,6 +74,17 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def report_path(dataset: str, stage: str, part: str = "") -> Path:
+    """``reports/<dataset>/<stage>[-<part>].json``: one stage run's report (counts, fallbacks, timings).
+
+    Reports live outside the caches, so their timings never change a cache's hash and never
+    make a downstream stage rerun; dvc.yaml declares them as uncached outputs.
+    """
+    from pipeline.paths import project_path
+
+    return project_path(f"reports/{dataset}/{stage}{'-' + part if part else ''}.json")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented, key-sorted JSON."""
     with atomic_path(path) as tmp:
