@@ -5,6 +5,8 @@
   python -m stages.ablations --run --seeds 1 2 3 [--exp full --exp text_only]
   python -m stages.ablations --table [--from-json exp.json] [--out reports/ablations.md]
 
+Each run sets every key any ablation touches (values from the HEAD commit's params.yaml
+plus the ablation's overrides), because `dvc exp run` leaves its params in the workspace.
 The table is gathered from `dvc exp show --json` (run here unless --from-json is given):
 every experiment is classified by its params and grouped per ablation and dataset, with
 mean ± sample standard deviation over seeds.
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline.artifacts import atomic_path
-from pipeline.mner.ablations import ABLATIONS, exp_run_command, markdown_table, runs_from_exp_show
+from pipeline.mner.ablations import ABLATIONS, committed_params, exp_run_command, markdown_table, runs_from_exp_show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:10s} {' '.join(f'{k}={v}' for k, v in ABLATIONS[n].items()) or '(baseline params)'}")
         return 0
     if args.commands or args.run:
+        baseline = committed_params()  # every ablation key is set explicitly from HEAD's params
         for n in names:
             for s in args.seeds:
-                cmd = exp_run_command(n, s, queue=args.queue)
+                cmd = exp_run_command(n, s, queue=args.queue, baseline=baseline)
                 print(shlex.join(cmd), flush=True)
                 if args.run:
                     subprocess.run([sys.executable, "-m", *cmd], check=True)

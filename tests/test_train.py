@@ -224,6 +224,14 @@ def test_text_only_never_opens_the_image_caches(tmp_path, monkeypatch):
 def test_ablation_overrides_and_classification():
     assert ablations.set_args("text_only", 2) == ["-S", "fusion.use_image=false", "-S", "train.seed=2"]
     assert ablations.exp_run_command("qfnet1", 1)[:5] == ["dvc", "exp", "run", "-n", "qfnet1-seed1"]
+    flat = {"fusion.layers": 2, "fusion.adaptive": "gate", "fusion.use_image": True, "fusion.use_patches": True,
+            "fusion.use_regions": True, "align.weight": 0.1}
+    full = ablations.set_args("qfnet1", 3, baseline=flat)  # every ablation key explicit: no leaks between runs
+    assert dict(a.split("=") for a in full[1::2]) == {
+        "fusion.layers": "1", "align.weight": "0.1", "fusion.adaptive": "gate", "fusion.use_image": "true",
+        "fusion.use_patches": "true", "fusion.use_regions": "true", "train.seed": "3"}
+    with pytest.raises(KeyError, match="align.weight"):
+        ablations.set_args("full", 1, baseline={k: v for k, v in flat.items() if k != "align.weight"})
     base = {"fusion": {"layers": 2, "adaptive": "gate", "use_image": True, "use_patches": True,
                        "use_regions": True}, "align": {"weight": 0.1}, "train": {"seed": 1}}
     for name, ov in ablations.ABLATIONS.items():
@@ -261,3 +269,14 @@ def test_table_from_exp_show_json():
     assert lines[2] == "| full | 82.00 ± 2.83 (n=2) |"  # mean 0.82, sample sd 0.0283
     assert lines[3] == "| text_only | 55.00 ± 7.07 (n=2) |"
     assert len(ablations.runs_from_exp_show(data, include_workspace=True)) == 5
+
+
+def test_committed_params_ignore_workspace_edits(tmp_path):
+    import subprocess
+
+    (tmp_path / "params.yaml").write_text("fusion:\n  layers: 2\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "params.yaml").write_text("fusion:\n  layers: 1\n")  # what a previous exp run left behind
+    assert ablations.committed_params(tmp_path) == {"fusion.layers": 2}

@@ -17,6 +17,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -45,12 +46,28 @@ def _yaml_value(v: Any) -> str:
     return str(v)
 
 
-def set_args(name: str, seed: int | None = None) -> list[str]:
-    """``-S key=value`` arguments for ``dvc exp run``."""
-    args: list[str] = []
+def ablation_keys() -> list[str]:
+    """Every params key some ablation changes (sorted)."""
+    return sorted({k for ov in ABLATIONS.values() for k in ov})
+
+
+def set_args(name: str, seed: int | None = None, baseline: Mapping[str, Any] | None = None) -> list[str]:
+    """``-S key=value`` arguments for ``dvc exp run``.
+
+    With ``baseline`` (flattened params of the experiments' base commit), every key that any
+    ablation touches is set explicitly: ``dvc exp run`` applies its result to the workspace,
+    so without this, the overrides of one run would leak into the next.
+    """
     ov = overrides(name)
+    if baseline is not None:
+        for k in ablation_keys():
+            if k not in ov:
+                if k not in baseline:
+                    raise KeyError(f"params.yaml: missing {k!r} (an ablation sets it)")
+                ov[k] = baseline[k]
     if seed is not None:
         ov[SEED_KEY] = seed
+    args: list[str] = []
     for k, v in ov.items():
         args += ["-S", f"{k}={_yaml_value(v)}"]
     return args
@@ -60,9 +77,27 @@ def exp_name(name: str, seed: int) -> str:
     return f"{name}-seed{seed}"
 
 
-def exp_run_command(name: str, seed: int, queue: bool = False) -> list[str]:
+def exp_run_command(name: str, seed: int, queue: bool = False, baseline: Mapping[str, Any] | None = None) -> list[str]:
     """The ``dvc exp run`` command line of one ablation at one seed."""
-    return ["dvc", "exp", "run", *(["--queue"] if queue else []), "-n", exp_name(name, seed), *set_args(name, seed)]
+    return ["dvc", "exp", "run", *(["--queue"] if queue else []), "-n", exp_name(name, seed),
+            *set_args(name, seed, baseline)]
+
+
+def committed_params(root: str | Path = ".") -> dict[str, Any]:
+    """Flattened params.yaml of the git HEAD commit (the experiments' baseline).
+
+    Falls back to the workspace file when git has none (a warning names which one is used).
+    """
+    import subprocess
+    import warnings
+
+    import yaml
+
+    p = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    if p.returncode == 0:
+        return flatten(yaml.safe_load(p.stdout) or {})
+    warnings.warn(f"git has no committed params.yaml ({p.stderr.strip()}); using the workspace file as baseline")
+    return flatten(yaml.safe_load((Path(root) / "params.yaml").read_text(encoding="utf-8")) or {})
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
