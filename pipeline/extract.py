@@ -17,11 +17,11 @@ and, for regions, the detector or the annotations file's sha256. Each shard adds
 and one key per image (manifest path and status + sha256 of the image file's bytes), so a
 changed, added or removed image recomputes only the shards it touches.
 
-Every stage writes ``report.json`` beside its outputs (``report-shard-IIII-of-NNNN.json``
-when run as one of several shard workers): counts, image statuses and fallbacks by reason,
-shards written/skipped, seconds and items/s. Artifacts themselves carry no timings. An image
-stage run that finds every shard done (e.g. after a change of ``clip.workers``) leaves the
-existing report alone, so the output dir stays byte-identical and nothing downstream reruns.
+Every stage writes its run report to ``reports/<dataset>/<stage>.json``
+(``<stage>-shard-IIII-of-NNNN.json`` when run as one of several shard workers): counts,
+image statuses and fallbacks by reason, shards written/skipped, seconds and items/s. The
+caches themselves carry no timings, so a rerun that computes the same features leaves them
+byte-identical and nothing downstream reruns.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.artifacts import fingerprint, package_versions, sha256_file, write_json
+from pipeline.artifacts import fingerprint, package_versions, report_path, sha256_file, write_json
 from pipeline.data.images import ImagePolicy, ImageReport, is_fallback_status, load_image
 from pipeline.paths import project_path
 
@@ -60,16 +60,16 @@ def features_dir(dataset: str, kind: str) -> Path:
     return project_path(f"features/{dataset}/{kind}")
 
 
-def report_path(out_dir: str | os.PathLike, shard_index: int = 0, shard_count: int = 1) -> Path:
-    """``report.json``, or ``report-shard-IIII-of-NNNN.json`` for one of several shard workers."""
-    name = "report.json" if shard_count == 1 else f"report-shard-{shard_index:04d}-of-{shard_count:04d}.json"
-    return Path(out_dir) / name
+def stage_report_path(dataset: str, stage: str, shard_index: int = 0, shard_count: int = 1) -> Path:
+    """``reports/<ds>/<stage>.json``, or ``<stage>-shard-IIII-of-NNNN.json`` for one of several workers."""
+    part = "" if shard_count == 1 else f"shard-{shard_index:04d}-of-{shard_count:04d}"
+    return report_path(dataset, stage, part)
 
 
-def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any], shard_index: int = 0,
+def write_report(dataset: str, stage: str, report: Mapping[str, Any], shard_index: int = 0,
                  shard_count: int = 1) -> Path:
-    """Atomically write a stage report beside its outputs."""
-    return write_json(report_path(out_dir, shard_index, shard_count), dict(report))
+    """Atomically write a stage's run report under reports/."""
+    return write_json(stage_report_path(dataset, stage, shard_index, shard_count), dict(report))
 
 
 def setup_torch(threads: int | None) -> None:
@@ -318,13 +318,7 @@ def _run_image_stage(stage: str, setup: ImageStageSetup, out_dir: Path, run_fp: 
         **(extra_report or {}),
         "seconds_total": round(time.perf_counter() - t0, 3),
     }
-    # a run that changed nothing keeps the report of the run that wrote the cache, so the
-    # output dir stays byte-identical and DVC does not rerun the stages downstream
-    path = report_path(out_dir, shard_index, shard_count)
-    if stats["shards_written"] == 0 and stats["shards_deleted"] == 0 and path.is_file():
-        report["report_kept"] = str(path)
-    else:
-        write_report(out_dir, report, shard_index, shard_count)
+    write_report(setup.dataset, stage, report, shard_index, shard_count)
     return report
 
 
@@ -573,7 +567,7 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
               "seconds": round(seconds, 3),
               "samples_per_s": round(len(samples) / seconds, 3) if seconds > 0 and samples else 0.0,
               "seconds_total": round(time.perf_counter() - t0, 3)}
-    write_report(out, report)
+    write_report(dataset, report["stage"], report)
     return report
 
 
@@ -662,5 +656,5 @@ def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.
               "distinct_texts_encoded": len(unique), "texts_over_context_length": too_long,
               "seconds": round(seconds, 3), "texts_per_s": round(len(unique) / seconds, 3) if seconds > 0 else 0.0,
               "seconds_total": round(time.perf_counter() - t0, 3)}
-    write_report(out, report)
+    write_report(dataset, report["stage"], report)
     return report

@@ -8,7 +8,7 @@ fingerprint matches are skipped, so a killed run resumes where it stopped.
 """
 import argparse
 
-from pipeline.extract import extract_patches, report_path
+from pipeline.extract import extract_patches, stage_report_path
 from pipeline.params import load_params
 from pipeline.stores.shards import resolve_shard_arg
 
@@ -23,7 +23,7 @@ def main() -> None:
     r = extract_patches(args.dataset, params, shard_index=index, shard_count=count)
     print(f"patches {args.dataset}: {r['shards_written']} shards written, {r['shards_skipped']} skipped, "
           f"{r['images_processed']} images ({r['items_per_s']} img/s), fallbacks {r['fallbacks_by_reason'] or 0}; "
-          f"report {report_path(f'features/{args.dataset}/patches', index, count)}")
+          f"report {stage_report_path(args.dataset, 'patches', index, count)}")
 
 
 if __name__ == "__main__":

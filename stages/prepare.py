@@ -1,6 +1,7 @@
 """DVC stage `prepare@<dataset>`: raw dataset files -> prepared manifests + report."""
 import argparse
 
+from pipeline.artifacts import report_path, write_json
 from pipeline.data.prepare import prepare_dataset
 from pipeline.params import load_params
 
@@ -12,6 +13,7 @@ def main() -> None:
     params = load_params("prepare", item=args.dataset)
     ds = params["datasets"][args.dataset]
     report = prepare_dataset(args.dataset, ds.to_dict(), params["images"].to_dict(), f"data/prepared/{args.dataset}")
+    write_json(report_path(args.dataset, "prepare"), report)
     imgs = report["images"]
     print(f"prepare {args.dataset}: {imgs['total']} images, {imgs['fallbacks']} fallbacks "
           f"({', '.join(f'{k}={v}' for k, v in imgs['counts'].items())}) -> data/prepared/{args.dataset}")

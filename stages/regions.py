@@ -7,7 +7,7 @@ whose fingerprint matches are skipped, so a killed run resumes where it stopped.
 """
 import argparse
 
-from pipeline.extract import extract_regions, report_path
+from pipeline.extract import extract_regions, stage_report_path
 from pipeline.params import load_params
 from pipeline.stores.shards import resolve_shard_arg
 
@@ -22,7 +22,7 @@ def main() -> None:
     r = extract_regions(args.dataset, params, shard_index=index, shard_count=count)
     print(f"regions {args.dataset} ({r['source']}): {r['shards_written']} shards written, "
           f"{r['shards_skipped']} skipped, {r['images_processed']} images, {r.get('regions', 0)} regions "
-          f"({r['items_per_s']} img/s); report {report_path(f'features/{args.dataset}/regions', index, count)}")
+          f"({r['items_per_s']} img/s); report {stage_report_path(args.dataset, 'regions', index, count)}")
 
 
 if __name__ == "__main__":

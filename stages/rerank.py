@@ -1,14 +1,14 @@
 """DVC stage `rerank@<dataset>`: plain, EGR, TBR and EGR+TBR lists as AGREE prediction files.
 
 Reads the candidate pools of `retrieve` and the embeddings they came from; writes
-predictions/<ds>/retrieval/{texts,images}_<method>.jsonl and metrics/<ds>/rerank_report.json.
+predictions/<ds>/retrieval/{texts,images}_<method>.jsonl and reports/<ds>/rerank.json.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from pipeline.artifacts import read_parquet_provenance, write_json
+from pipeline.artifacts import read_parquet_provenance, report_path, write_json
 from pipeline.params import load_params
 from pipeline.paths import project_path
 from pipeline.retrieval.agree_io import load_id_types
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     prov = {"stage": "rerank", "dataset": ds, "source": source, "params": params.to_dict(), "id_types": id_types}
     report = run_rerank(rs, pool_dir, params, id_types, project_path(f"predictions/{ds}/retrieval"), prov)
     report["total_s"] = round(time.perf_counter() - t0, 3)
-    write_json(project_path(f"metrics/{ds}/rerank_report.json"), report)
+    write_json(report_path(ds, "rerank"), report)
     print(f"rerank@{ds}: EGR {report['egr_s']:.3f} s, TBR {report['tbr_s']:.3f} s; lists changed vs plain: "
           + ", ".join(f"{k} {v}" for k, v in report["lists_changed_vs_plain"].items()))
     return 0

@@ -2,14 +2,14 @@
 
 Embeddings: the zero-shot caches (features/<ds>/patches `pooled`, features/<ds>/captions),
 or the align stage's adapted ones when `align_retrieval.enabled`. Writes
-features/<ds>/retrieval/{t2i,i2t}.parquet and metrics/<ds>/retrieve_report.json (timings).
+features/<ds>/retrieval/{t2i,i2t}.parquet and reports/<ds>/retrieve.json (timings).
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from pipeline.artifacts import package_versions, write_json
+from pipeline.artifacts import package_versions, report_path, write_json
 from pipeline.params import load_params
 from pipeline.paths import project_path
 from pipeline.retrieval.data import load_retrieval_set
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": params["retrieval"].to_dict(), "versions": package_versions("faiss-cpu", "numpy")}
     report = run_retrieve(rs, params["retrieval"], project_path(f"features/{ds}/retrieval"), prov)
     info = {k: v for k, v in rs.info.items() if not k.endswith("_provenance")}
-    write_json(project_path(f"metrics/{ds}/retrieve_report.json"),
+    write_json(report_path(ds, "retrieve"),
                {**report, "set": info, "load_s": round(load_s, 3), "total_s": round(time.perf_counter() - t0, 3)})
     for d, r in report["directions"].items():
         extra = f", recall@10 vs exact {r['recall_vs_exact']['at_10']:.4f}" if "recall_vs_exact" in r else ""

@@ -39,7 +39,7 @@ def test_first_repro_builds_demo_and_manifests(project):
     assert {"demo", "prepare@demo_tweets", "prepare@demo_flickr"} <= stages_run(out)
     samples = pq.read_table(proj / "data/prepared/demo_tweets/samples.parquet")
     assert set(samples.column("split").to_pylist()) == {"train", "valid", "test"}
-    report = json.loads((proj / "data/prepared/demo_tweets/report.json").read_text())
+    report = json.loads((proj / "reports/demo_tweets/prepare.json").read_text())
     assert report["images"]["fallbacks"] >= 1  # the demo breaks a few images on purpose
     assert (proj / "data/prepared/demo_flickr/captions.parquet").exists()
 

@@ -119,7 +119,7 @@ def test_patches_shards_shapes_values_provenance(project):
     assert report["fallbacks_by_reason"] == {"missing": 1}
     assert report["image_statuses"]["counts"] == {"converted_L": 1, "missing": 1, "ok": 5}
     assert report["shards_written"] == 3 and report["shards_skipped"] == 0
-    saved = json.loads((out / "report.json").read_text())
+    saved = json.loads((project / "reports/ds/patches.json").read_text())
     assert saved["images_processed"] == 7 and "seconds" in saved
 
 
@@ -172,7 +172,8 @@ def test_fingerprint_follows_clip_params_not_execution_knobs(project, tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = extract_patches("ds", params("patches", **{"clip.batch_size": 3, "clip.threads": 2}))
     assert again["fingerprint"] == first["fingerprint"] and again["shards_skipped"] == 3
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # report.json kept too: DVC sees no change
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the cache dir is byte-identical: DVC sees no change
+    assert json.loads((project / "reports/ds/patches.json").read_text())["shards_skipped"] == 3  # the report tells this run
     # other weights: a new fingerprint, every shard recomputed
     torch.manual_seed(5)
     import open_clip
@@ -203,7 +204,9 @@ def test_shard_workers_split_the_work_and_report_per_shard(project, tmp_path_fac
     r1 = extract_patches("ds", params("patches"), shard_index=1, shard_count=2)
     out = project / "features/ds/patches"
     assert (r0["shards_written"], r1["shards_written"]) == (2, 1)
-    assert (out / "report-shard-0000-of-0002.json").is_file() and (out / "report-shard-0001-of-0002.json").is_file()
+    reports = project / "reports/ds"
+    assert (reports / "patches-shard-0000-of-0002.json").is_file() and (reports / "patches-shard-0001-of-0002.json").is_file()
+    assert not list(out.glob("*.json"))  # no run report inside the cache
     assert shard_bytes(out) == shard_bytes(full)
 
 

@@ -104,7 +104,7 @@ class AgreeData:
         return dict(self.id_types)
 
     def report(self) -> dict[str, Any]:
-        """Counts, skips (with file, line, reason) and warnings, for report.json."""
+        """Counts, skips (with file, line, reason) and warnings, for the prepare report."""
         return {"counts": dict(self.counts), "skipped": list(self.skipped),
                 "warnings": list(self.warnings), "id_types": self.meta()}
 

@@ -2,7 +2,8 @@
 
 MNER datasets give ``samples.parquet``; retrieval datasets give ``captions.parquet``,
 ``gallery.parquet`` and ``meta.json``; both give ``images.parquet`` (one row per distinct
-image: id, path relative to the project root, load status) and ``report.json``.
+image: id, path relative to the project root, load status); the report it returns goes to
+``reports/<ds>/prepare.json``.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def _write_images(rows: list[dict], out: Path, prov: dict) -> None:
 
 
 def prepare_dataset(ds_name: str, ds: Mapping, images_params: Mapping, out: str | os.PathLike) -> dict[str, Any]:
-    """Prepare one dataset (either kind); writes manifests + report.json, returns the report."""
+    """Prepare one dataset (either kind); writes its manifests under ``out`` and returns the report."""
     out = project_path(out)
     policy = ImagePolicy.from_params(images_params)
     kind = ds["kind"]
@@ -125,5 +126,4 @@ def prepare_dataset(ds_name: str, ds: Mapping, images_params: Mapping, out: str 
         report = prepare_retrieval(ds_name, ds, policy, out)
     else:
         raise ValueError(f"params.yaml: datasets.{ds_name}.kind is {kind!r}; expected 'mner' or 'retrieval'")
-    write_json(out / "report.json", report)
     return report
