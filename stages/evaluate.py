@@ -1,13 +1,14 @@
 """DVC stage `evaluate@<dataset>`: score the trained MNER model on valid and test.
 
 Reads no params (everything comes from the checkpoint); writes predictions/<dataset>/*.conll,
-metrics/<dataset>/mner.json and plots/<dataset>/.
+metrics/<dataset>/mner.json, plots/<dataset>/ and reports/<dataset>/evaluate.json.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+from pipeline.artifacts import report_path, write_json
 from pipeline.mner.evaluate import evaluate_on_caches
 from pipeline.params import load_params
 from pipeline.paths import project_path
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         r = report[split]
         print(f"evaluate@{ds} {split}: P {r['precision']:.4f} R {r['recall']:.4f} F1 {r['f1']:.4f} "
               f"({r['counts']['gold_entities']} gold, {r['counts']['pred_entities']} predicted entities)")
-    print(f"evaluate@{ds}: {time.perf_counter() - t0:.1f} s")
+    total = time.perf_counter() - t0
+    write_json(report_path(ds, "evaluate"), {"seconds": total, "counts": {s: report[s]["counts"] for s in ("valid", "test")}})
+    print(f"evaluate@{ds}: {total:.1f} s")
     return 0
 
 

@@ -1,13 +1,14 @@
 """DVC stage `train@<dataset>`: fit the MNER model on the cached features.
 
 Reads params datasets.<dataset>, fusion, train, align; writes models/<dataset>/ and the
-DVCLive curves in dvclive/<dataset>/train/.
+DVCLive curves in dvclive/<dataset>/train/ and the run report reports/<dataset>/train.json.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+from pipeline.artifacts import report_path, write_json
 from pipeline.mner.train import train_on_caches
 from pipeline.params import load_params
 from pipeline.paths import project_path
@@ -25,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     res = train_on_caches(args.dataset, params["fusion"], params["train"], params["align"],
                           model_dir=project_path(f"models/{args.dataset}"),
                           live_dir=project_path(f"dvclive/{args.dataset}/train"))
+    total = time.perf_counter() - t0
+    write_json(report_path(args.dataset, "train"), {
+        "best_epoch": res.best_epoch, "epochs_run": len(res.history), "best_valid": res.best_valid["micro"],
+        "counts": res.counts, "seconds": {"total": total, "per_epoch": res.epoch_seconds}})
     print(f"train@{args.dataset}: best epoch {res.best_epoch}, valid F1 {res.best_valid['micro']['f1']:.4f}, "
-          f"{len(res.history)} epochs in {time.perf_counter() - t0:.1f} s")
+          f"{len(res.history)} epochs in {total:.1f} s")
     return 0
 
 

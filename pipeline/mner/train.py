@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,8 @@ class FitResult:
     best_epoch: int
     best_valid: dict
     history: list[dict] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # wall time per epoch (not in the checkpoint)
+    counts: dict = field(default_factory=dict)
 
 
 def set_seed(seed: int) -> None:
@@ -124,7 +127,9 @@ def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds
     best_f1, best_epoch, best_state, best_valid = -1.0, 0, None, {}
     history: list[dict] = []
     bad_epochs = 0
+    seconds: list[float] = []
     for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
         model.train()
         sums = {"crf": 0.0, "align": 0.0, "loss": 0.0}
         n_batches = n_align = 0
@@ -153,6 +158,7 @@ def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds
                "loss_align": sums["align"] / n_align if n_align else 0.0,
                "valid_precision": m["precision"], "valid_recall": m["recall"], "valid_f1": m["f1"]}
         history.append(row)
+        seconds.append(time.perf_counter() - t0)
         if live is not None:
             for k in ("loss", "loss_crf", "loss_align"):
                 live.log_metric(f"train/{k}", row[k])
@@ -172,7 +178,7 @@ def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    return FitResult(model, best_epoch, best_valid, history)
+    return FitResult(model, best_epoch, best_valid, history, seconds)
 
 
 def save_checkpoint(directory: str | Path, model: MNERModel, meta: dict[str, Any]) -> Path:
@@ -241,4 +247,5 @@ def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir
                    "train_truncated_words": n_trunc, "train_image_fallbacks": train_ds.n_image_fallbacks},
     }
     save_checkpoint(model_dir, res.model, meta)
+    res.counts = meta["counts"]
     return res
