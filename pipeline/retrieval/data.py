@@ -1,7 +1,7 @@
 """The test-split retrieval set: ground truth from the prepared manifests, embeddings from caches.
 
 Image embeddings come from the ``patches`` cache (``pooled``), caption / prompt /
-masked-caption embeddings from the ``captions`` cache, or both from the ``align`` stage's
+masked-caption embeddings from the ``captions`` cache, or both from the ``align_retrieval`` stage's
 adapted copies. Every embedding is L2-normalised here. Ids are matched by value and a
 mismatch between two files is an :class:`IdMismatchError` naming both files.
 """
@@ -122,7 +122,7 @@ def load_retrieval_set(dataset: str, source: str = "zero_shot", split: str = "te
     elif source == "aligned":
         adir = feats / "aligned"
         if (adir / DISABLED_MARK).is_file():
-            raise ValueError(f"{adir}: the align stage ran with align_retrieval.enabled: false; "
+            raise ValueError(f"{adir}: the align_retrieval stage ran with align_retrieval.enabled: false; "
                              "set it to true (or use the zero-shot embeddings)")
         img_ids, img, img_file, img_prov = _aligned_images(adir / ALIGNED_IMAGES)
         cap, cap_file = _captions(adir)
@@ -165,7 +165,7 @@ def _zero_shot_images(patches: Path) -> tuple[list[str], np.ndarray, Path, dict]
 def _aligned_images(path: Path) -> tuple[list[str], np.ndarray, Path, dict]:
     from pipeline.stores.tables import FeatureTable
 
-    t = FeatureTable(path, key="image_id", stage=f"align@{path.parent.parent.name}")
+    t = FeatureTable(path, key="image_id", stage=f"align_retrieval@{path.parent.parent.name}")
     return [str(k) for k in t.keys], t.stack("emb"), path, dict(t.provenance)
 
 

@@ -1,4 +1,4 @@
-"""DVC stage `align@<dataset>`: optional projection heads trained on the cached train split.
+"""DVC stage `align_retrieval@<dataset>`: optional projection heads trained on the cached train split.
 
 With `align_retrieval.enabled: false` (the default) it writes only a stub, so the zero-shot
 path runs unchanged. Else it writes features/<ds>/aligned/{images,captions,heads}.parquet
@@ -20,21 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
     args = ap.parse_args(argv)
     ds = args.dataset
-    cfg = AlignConfig.from_params(load_params("align", item=ds)["align_retrieval"])
+    cfg = AlignConfig.from_params(load_params("align_retrieval", item=ds)["align_retrieval"])
     out = project_path(f"features/{ds}/aligned")
     report_path = project_path(f"metrics/{ds}/align_report.json")
     if not cfg.enabled:
         write_disabled(out)
         write_json(report_path, {"enabled": False})
-        print(f"align@{ds}: align_retrieval.enabled is false; zero-shot embeddings are used")
+        print(f"align_retrieval@{ds}: align_retrieval.enabled is false; zero-shot embeddings are used")
         return 0
     train = load_retrieval_set(ds, "zero_shot", split="train")
     test = load_retrieval_set(ds, "zero_shot", split="test")
-    prov = {"stage": "align", "dataset": ds, "train_fingerprint": train.fingerprint(),
+    prov = {"stage": "align_retrieval", "dataset": ds, "train_fingerprint": train.fingerprint(),
             "test_fingerprint": test.fingerprint()}
     report = run_align(train, test, cfg, out, prov)
     write_json(report_path, {"enabled": True, **report})
-    print(f"align@{ds}: {cfg.epochs} epochs in {report['train_s']:.1f} s; test t2i R@1 "
+    print(f"align_retrieval@{ds}: {cfg.epochs} epochs in {report['train_s']:.1f} s; test t2i R@1 "
           f"{report['test_t2i_r1']['zero_shot']:.2f} -> {report['test_t2i_r1']['aligned']:.2f}")
     return 0
 
