@@ -110,6 +110,14 @@ class Params(Mapping):
             return Params(value, self._declared, self._stage, path)
         return value
 
+    def __contains__(self, key: object) -> bool:
+        """``key in params``: False if absent from params.yaml, an error if undeclared."""
+        try:
+            self[key]  # type: ignore[index]
+        except MissingParamError:
+            return False
+        return True
+
     def get(self, key: str, default: Any = None) -> Any:
         try:
             return self[key]

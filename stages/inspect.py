@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--check", action="store_true", help="integrity checks; exit 1 if any problem")
     ap.add_argument("--draw", nargs=2, metavar=("ID", "OUT_PNG"), help="draw an image with its region boxes")
     ap.add_argument("--images-manifest", "--manifest", dest="manifest",
-                    help="prepared manifest: image paths for --draw; ids every cached item must match for --check")
+                    help="prepared manifest: image paths for --draw; the ids the cache must hold exactly once for "
+                         "--check (default: data/prepared/<ds>/ beside features/<ds>/)")
     ap.add_argument("--min-side", type=int, default=0, help="--draw: upscale so the shorter side is at least this")
     return ap.parse_args(argv)
 
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(I.summary(args.path))
         if args.check:
-            problems = I.check(args.path, args.manifest)
+            manifest = args.manifest or I.default_manifest(args.path)
+            if manifest is not None:
+                print(f"\ncheck: against the manifest {manifest}")
+            problems = I.check(args.path, manifest)
             if problems:
                 print(f"\ncheck: {len(problems)} problem(s):")
                 for p in problems:

@@ -108,6 +108,18 @@ def test_check_against_the_images_manifest(project, capsys):
     assert "missing.parquet: not found" in capsys.readouterr().err
 
 
+def test_plain_check_uses_the_prepared_manifest_beside_the_cache(project, capsys):
+    d = "features/demo/regions"
+    assert main([d, "--check"]) == 0
+    assert "against the manifest" in capsys.readouterr().out
+    # one more prepared image than the cache holds: a plain --check must notice
+    ids = [f"im{i}" for i in range(8)]
+    write_parquet(pa.table({"image_id": ids, "path": [""] * 8}),
+                  project / "data" / "prepared" / "demo" / "images.parquet", {"stage": "prepare"})
+    assert main([d, "--check"]) == 1
+    assert "1 image_id(s) of " in capsys.readouterr().out
+
+
 def test_check_damaged_files_and_mixed_runs(project):
     d = project / "features" / "demo" / "regions"
     write_shard(shard_path(d, 1), ["im3", "im4", "im5"], regions(["im3", "im4", "im5"]), PROV, "y",

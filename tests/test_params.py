@@ -60,6 +60,12 @@ def test_undeclared_reads_fail_loudly(root):
     # .get must not become a back door
     with pytest.raises(UndeclaredParamError):
         p.get("images", {})
+    # nor `in`: Mapping's default would swallow the error and answer False
+    with pytest.raises(UndeclaredParamError, match="'images'"):
+        "images" in p
+    with pytest.raises(UndeclaredParamError, match="'train.epochs'"):
+        "epochs" in p["train"]
+    assert "lr" in p["train"]
     assert "epochs" not in list(p["train"])
 
 

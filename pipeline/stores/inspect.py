@@ -374,8 +374,29 @@ def _compare_with_manifest(have: Sequence[str], manifest: str | os.PathLike, col
     return problems
 
 
+# the prepared manifest whose ids a cache of each kind must hold exactly once
+MANIFEST_OF_KIND = {"shards": "images.parquet", "text": "samples.parquet", "captions": "captions.parquet"}
+
+
+def default_manifest(path: str | os.PathLike) -> Path | None:
+    """features/<ds>/<cache> -> data/prepared/<ds>/<its manifest>, if that file exists."""
+    from pipeline.paths import project_path
+
+    p = Path(path)
+    name = MANIFEST_OF_KIND.get(detect_kind(p))
+    if name is None:
+        return None
+    d = p.parent if p.is_file() else p
+    cand = project_path(Path("data") / "prepared" / d.parent.name / name)
+    return cand if cand.exists() else None
+
+
 def check(path: str | os.PathLike, manifest: str | os.PathLike | None = None) -> list[str]:
-    """Integrity problems of the cache at ``path`` (empty list: all good)."""
+    """Integrity problems of the cache at ``path`` (empty list: all good).
+
+    ``manifest``: the prepared manifest whose ids the cache must hold exactly once; pass
+    :func:`default_manifest` to use the one beside the cache.
+    """
     kind = detect_kind(path)
     fn = {"shards": check_shards, "text": check_text, "captions": check_captions, "table": check_table}[kind]
     return fn(Path(path), manifest)
@@ -576,15 +597,6 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
 
 
-def default_images_manifest(regions: Path) -> Path | None:
-    """features/<ds>/regions -> data/prepared/<ds>/images.parquet (relative to the project root)."""
-    from pipeline.paths import project_path
-
-    d = regions.parent if regions.is_file() else regions
-    cand = project_path(Path("data") / "prepared" / d.parent.name / "images.parquet")
-    return cand if cand.exists() else None
-
-
 def draw_regions(path: str | os.PathLike, item_id: str, out_png: str | os.PathLike,
                  images_manifest: str | os.PathLike | None = None, min_side: int = 0) -> str:
     """Draw image ``item_id`` with its valid region boxes, label names and scores into ``out_png``.
@@ -610,7 +622,7 @@ def draw_regions(path: str | os.PathLike, item_id: str, out_png: str | os.PathLi
     with h5py.File(info.path, "r") as f:
         a = {k: np.asarray(f[k][row]) for k in ("boxes", "mask", "labels", "scores") if k in f}
 
-    manifest = Path(images_manifest) if images_manifest else default_images_manifest(p)
+    manifest = Path(images_manifest) if images_manifest else default_manifest(p)
     if manifest is None:
         raise InspectError("--draw needs --images-manifest data/prepared/<ds>/images.parquet (not found beside the cache)")
     rows = [r for r in T.manifest_rows(manifest, ["image_id", "path"]) if str(r["image_id"]) == item_id]
