@@ -543,7 +543,7 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
     samples = manifest_rows(prepared_dir(dataset) / "samples.parquet", ["split", "sample_id", "tokens", "tags"])
     enc = load_text_encoder(p, device=device)
     t1 = time.perf_counter()
-    wf = word_features(enc, [s["tokens"] for s in samples], batch_size=batch_size)
+    wf = word_features(enc, [s["tokens"] for s in samples], batch_size=batch_size, progress=f"text {dataset}")
     types = entity_types([s["tags"] for s in samples], other_tag)
     template = str(p["type_prompt"])
     prompts = type_prompt_features(enc, types, template)
@@ -631,7 +631,7 @@ def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.
     texts = [c["text"] for c in captions]
     # every distinct string is encoded once (sorted: batches do not depend on manifest order)
     unique = sorted(set(texts) | {s for lst in prompt_lists + mask_lists for s in lst})
-    emb_u = encode_texts(bundle, unique, batch_size=batch_size).numpy()  # (U, D)
+    emb_u = encode_texts(bundle, unique, batch_size=batch_size, progress=f"captions {dataset}").numpy()  # (U, D)
     row = {s: i for i, s in enumerate(unique)}
     n, dim = len(captions), bundle.embed_dim
     emb = emb_u[[row[t] for t in texts]].reshape(n, dim)

@@ -209,13 +209,22 @@ def encode_pooled(bundle: ClipBundle, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_texts(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Texts -> (N, D) float32 projected CLIP text embeddings (unnormalised), in batches."""
+def encode_texts(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 64,
+                 progress: str | None = None) -> torch.Tensor:
+    """Texts -> (N, D) float32 projected CLIP text embeddings (unnormalised), in batches.
+
+    ``progress``: label of a progress bar (texts/s) on stderr; None shows none.
+    """
+    from tqdm import tqdm
+
     out = []
     texts = [str(t) for t in texts]
-    for i in range(0, len(texts), max(1, int(batch_size))):
-        tokens = bundle.tokenizer(texts[i:i + batch_size]).to(bundle.device)  # (b, context_length)
-        out.append(bundle.model.encode_text(tokens).float().cpu())  # (b, D)
+    step = max(1, int(batch_size))
+    with tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None, mininterval=1.0) as bar:
+        for i in range(0, len(texts), step):
+            tokens = bundle.tokenizer(texts[i:i + step]).to(bundle.device)  # (b, context_length)
+            out.append(bundle.model.encode_text(tokens).float().cpu())  # (b, D)
+            bar.update(len(tokens))
     if not out:
         return torch.zeros((0, bundle.embed_dim), dtype=torch.float32)
     return torch.cat(out, 0)

@@ -185,19 +185,25 @@ def _hidden_states(enc: TextEncoder, batch: Mapping[str, torch.Tensor]) -> torch
     return torch.stack([hs[l] for l in enc.layers], dim=2).float().cpu()
 
 
-def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size: int = 32) -> WordFeatures:
+def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size: int = 32,
+                  progress: str | None = None) -> WordFeatures:
     """Pre-split words per sample -> (n_kept_words, n_layers, d) first-sub-word features each.
 
     Samples are batched by length (fewer pads); the result keeps the input order.
+    ``progress``: label of a progress bar (samples/s) on stderr; None shows none.
     """
+    from tqdm import tqdm
+
     words, empty_counts = _fix_empty_words(enc.tokenizer, samples)
     n = len(words)
     feats: list[np.ndarray | None] = [None] * n
     kept = [0] * n
     n_layers, d = len(enc.layers), enc.hidden_size
     order = sorted(range(n), key=lambda i: (len(words[i]), i))
+    bar = tqdm(total=n, desc=progress, unit="sample", disable=progress is None, mininterval=1.0)
     for start in range(0, n, max(1, int(batch_size))):
         idx = order[start:start + batch_size]
+        bar.update(len(idx))
         nonempty = [i for i in idx if words[i]]
         for i in idx:
             if not words[i]:
@@ -218,6 +224,7 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
                 raise RuntimeError(f"sample {i}: word alignment has gaps ({sorted(first)[:10]}...)")
             kept[i] = n_kept
             feats[i] = hs[b, [first[w] for w in range(n_kept)]].numpy().astype(np.float32, copy=False)
+    bar.close()
     return WordFeatures(features=[f for f in feats], n_words=[len(w) for w in words], n_kept=kept,
                         empty_words=empty_counts)
 
