@@ -6,7 +6,7 @@ Generates its own JPEGs (default 512 of 640x480) in a temp dir, then measures in
 
 (a) naive: a per-image loop as the seed does it: open, convert, preprocess, forward one image
     (under torch.no_grad), no batching, no overlap;
-(b) pipeline: ``pipeline.extract.extract_patches`` on a prepared manifest of the same images:
+(b) pipeline: ``pipeline.extract.images.extract_patches`` on a prepared manifest of the same images:
     DataLoader workers decode while the model runs batches in inference mode, shards written
     to HDF5 (the shard loop's items/s; hashing + planning reported separately);
 (c) forward only: the same model on pre-decoded, pre-processed batches of the same size.
@@ -71,7 +71,7 @@ def forward_only(bundle, paths: list[Path], batch_size: int) -> float:
 def pipeline_run(root: Path, paths: list[Path], clip_params: dict, shard_size: int) -> dict:
     """(b) this pipeline's patches extraction on a manifest of ``paths`` (fresh output dir)."""
     from pipeline.artifacts import write_parquet
-    from pipeline.extract import extract_patches
+    from pipeline.extract.images import extract_patches
     from pipeline.params import Params
 
     rows = [{"image_id": p.stem, "path": str(p.relative_to(root)), "status": "ok", "is_fallback": False} for p in paths]

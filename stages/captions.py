@@ -1,7 +1,7 @@
 """DVC stage `captions@<dataset>`: CLIP text embeddings of captions, entity prompts and entity-masked captions."""
 import argparse
 
-from pipeline.extract import extract_captions
+from pipeline.extract.captions import extract_captions
 from pipeline.params import load_params
 
 

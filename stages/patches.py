@@ -8,7 +8,8 @@ fingerprint matches are skipped, so a killed run resumes where it stopped.
 """
 import argparse
 
-from pipeline.extract import extract_patches, stage_report_path
+from pipeline.extract.common import stage_report_path
+from pipeline.extract.images import extract_patches
 from pipeline.params import load_params
 from pipeline.stores.shards import resolve_shard_arg
 

@@ -1,7 +1,7 @@
 """DVC stage `text@<dataset>`: frozen text encoder -> word features (first sub-word) + type-prompt features."""
 import argparse
 
-from pipeline.extract import extract_text
+from pipeline.extract.text import extract_text
 from pipeline.params import load_params
 
 

@@ -12,7 +12,9 @@ from PIL import Image
 import pipeline.encoders.clip as clip_mod
 from pipeline.artifacts import write_parquet
 from pipeline.encoders.clip import encode_images, encode_texts, load_clip
-from pipeline.extract import caption_slot_texts, entity_types, extract_captions, extract_patches, extract_regions, extract_text
+from pipeline.extract.images import extract_patches, extract_regions
+from pipeline.extract.captions import caption_slot_texts, extract_captions
+from pipeline.extract.text import entity_types, extract_text
 from pipeline.params import Params
 from pipeline.stores.shards import ShardReader, shard_files
 from pipeline.stores.tables import CaptionFeatures, TextFeatures
@@ -186,6 +188,17 @@ def test_fingerprint_follows_clip_params_not_execution_knobs(project, tmp_path):
     assert zero["fingerprint"] not in (first["fingerprint"], other["fingerprint"])
 
 
+def test_a_features_version_bump_recomputes_every_shard(project, monkeypatch):
+    # persist outputs survive a code change; the version in the fingerprint is what invalidates them
+    import pipeline.extract.images as images
+
+    first = extract_patches("ds", params("patches"))
+    monkeypatch.setattr(images, "FEATURES_VERSION", images.FEATURES_VERSION + 1)
+    bumped = extract_patches("ds", params("patches"))
+    assert bumped["fingerprint"] != first["fingerprint"]
+    assert bumped["shards_written"] == 3 and bumped["shards_skipped"] == 0
+
+
 def test_a_changed_image_recomputes_only_its_shard(project):
     extract_patches("ds", params("patches"))
     out = project / "features/ds/patches"
@@ -337,7 +350,7 @@ def test_caption_features_end_to_end(project):
 
 def test_shard_feeder_serves_unplanned_requests_too(project):
     from pipeline.data.images import ImagePolicy
-    from pipeline.extract import ImageDataset, ShardFeeder, read_image_records
+    from pipeline.extract.images import ImageDataset, ShardFeeder, read_image_records
 
     records = read_image_records(project / "data/prepared/ds")
     ds = ImageDataset(records, ImagePolicy(), raw=True)

@@ -1,5 +1,5 @@
-"""Extraction drivers: image DataLoader, fingerprints, provenance and reports for the
-``patches``, ``regions``, ``text`` and ``captions`` stages.
+"""Image extraction drivers of the ``patches`` and ``regions`` stages: DataLoader, shards,
+fingerprints, provenance and reports.
 
 Images (patches, regions). The distinct image ids of ``data/prepared/<ds>/images.parquet``
 (sorted) are split into HDF5 shards of ``shards.size`` (``pipeline.stores.shards``). ONE
@@ -17,11 +17,8 @@ and, for regions, the detector or the annotations file's sha256. Each shard adds
 and one key per image (manifest path and status + sha256 of the image file's bytes), so a
 changed, added or removed image recomputes only the shards it touches.
 
-Every stage writes its run report to ``reports/<dataset>/<stage>.json``
-(``<stage>-shard-IIII-of-NNNN.json`` when run as one of several shard workers): counts,
-image statuses and fallbacks by reason, shards written/skipped, seconds and items/s. The
-caches themselves carry no timings, so a rerun that computes the same features leaves them
-byte-identical and nothing downstream reruns.
+Run reports (``pipeline.extract.common``) add image statuses and fallbacks by reason and
+shards written/skipped.
 """
 from __future__ import annotations
 
@@ -39,67 +36,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.artifacts import fingerprint, package_versions, report_path, sha256_file, write_json
+from pipeline.artifacts import fingerprint, package_versions, sha256_file
 from pipeline.data.images import ImagePolicy, ImageReport, is_fallback_status, load_image
+from pipeline.extract.common import (PACKAGES, ExtractError, non_negative_int, positive_int, features_dir,
+                                     prepared_dir, resolve_device, setup_torch, write_report)
 from pipeline.paths import project_path
-
-PACKAGES = ("torch", "torchvision", "open_clip_torch", "transformers", "pillow", "numpy", "h5py", "pyarrow")
-
-
-class ExtractError(RuntimeError):
-    """Inputs or params that an extraction stage cannot work with."""
-
-
-# ---- small shared helpers -----------------------------------------------------------------------
-
-def prepared_dir(dataset: str) -> Path:
-    return project_path(f"data/prepared/{dataset}")
-
-
-def features_dir(dataset: str, kind: str) -> Path:
-    return project_path(f"features/{dataset}/{kind}")
-
-
-def stage_report_path(dataset: str, stage: str, shard_index: int = 0, shard_count: int = 1) -> Path:
-    """``reports/<ds>/<stage>.json``, or ``<stage>-shard-IIII-of-NNNN.json`` for one of several workers."""
-    part = "" if shard_count == 1 else f"shard-{shard_index:04d}-of-{shard_count:04d}"
-    return report_path(dataset, stage, part)
-
-
-def write_report(dataset: str, stage: str, report: Mapping[str, Any], shard_index: int = 0,
-                 shard_count: int = 1) -> Path:
-    """Atomically write a stage's run report under reports/."""
-    return write_json(stage_report_path(dataset, stage, shard_index, shard_count), dict(report))
-
-
-def setup_torch(threads: int | None) -> None:
-    """Intra-op threads for the forward passes (0 or None: torch's default)."""
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-def resolve_device(device: str | None) -> str:
-    """``cuda`` becomes ``cuda:<LOCAL_RANK>`` under torchrun; a missing GPU is a clear error."""
-    device = str(device or "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ExtractError(f"params.yaml: clip.device: {device!r} but no CUDA device is available")
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ExtractError(f"params.yaml: {name}: must be a positive integer, got {value!r}")
-    return value
-
-
-def _non_negative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ExtractError(f"params.yaml: {name}: must be an integer >= 0, got {value!r}")
-    return value
-
 
 # ---- the image manifest -------------------------------------------------------------------------
 
@@ -275,9 +216,9 @@ def _image_setup(dataset: str, params: Mapping[str, Any]) -> ImageStageSetup:
         dataset=dataset,
         records=read_image_records(prepared_dir(dataset)),
         policy=ImagePolicy.from_params(params["images"]),
-        shard_size=_positive_int(params["shards"]["size"], "shards.size"),
-        batch_size=_positive_int(clip["batch_size"], "clip.batch_size"),
-        workers=_non_negative_int(clip["workers"], "clip.workers"),
+        shard_size=positive_int(params["shards"]["size"], "shards.size"),
+        batch_size=positive_int(clip["batch_size"], "clip.batch_size"),
+        workers=non_negative_int(clip["workers"], "clip.workers"),
         device=resolve_device(clip.get("device", "cpu")),
     )
 
@@ -328,9 +269,16 @@ def _image_params_part(setup: ImageStageSetup) -> dict[str, Any]:
 
 # ---- patches ------------------------------------------------------------------------------------
 
+# Version of what an image shard holds, part of every run fingerprint. The shard dirs are
+# DVC `persist` outputs, so a code change reruns the stage but keeps every shard whose
+# fingerprint still matches: bump this when a change to this module, the encoders or the
+# image loader changes the features, and the next run recomputes every shard.
+FEATURES_VERSION = 1
+
+
 def patches_fingerprint(clip_provenance: Mapping[str, Any], image_params: Mapping[str, Any]) -> str:
     """Run fingerprint of a patches cache: model + weights + preprocessing + image params."""
-    return fingerprint("patches", dict(clip_provenance), dict(image_params))
+    return fingerprint("patches", FEATURES_VERSION, dict(clip_provenance), dict(image_params))
 
 
 def extract_patches(dataset: str, params: Mapping[str, Any], shard_index: int = 0, shard_count: int = 1,
@@ -392,7 +340,7 @@ def annotations_file(ds_params: Mapping[str, Any], dataset: str) -> Path:
 def regions_fingerprint(clip_provenance: Mapping[str, Any], region_source: Mapping[str, Any],
                         image_params: Mapping[str, Any]) -> str:
     """Run fingerprint of a regions cache: CLIP + detector (or annotations sha) + image params."""
-    return fingerprint("regions", dict(clip_provenance), dict(region_source), dict(image_params))
+    return fingerprint("regions", FEATURES_VERSION, dict(clip_provenance), dict(region_source), dict(image_params))
 
 
 def image_regions(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int,
@@ -438,7 +386,7 @@ def extract_regions(dataset: str, params: Mapping[str, Any], shard_index: int = 
     det_params = params["detector"]
     settings = detector_settings(det_params)
     k = settings["topk"]
-    crop_bs = _positive_int(det_params["crop_batch_size"], "detector.crop_batch_size")
+    crop_bs = positive_int(det_params["crop_batch_size"], "detector.crop_batch_size")
     setup_torch(params["clip"].get("threads"))
     bundle = load_clip(params["clip"], device=setup.device)
     d = bundle.embed_dim
@@ -510,151 +458,3 @@ def extract_regions(dataset: str, params: Mapping[str, Any], shard_index: int = 
 
     return _run_image_stage("regions", setup, out, run_fp, provenance, make_compute, raw=True, preprocess=None,
                             shard_index=shard_index, shard_count=shard_count, extra_report=extra, t_start=t0)
-
-
-# ---- text (MNER word features) ------------------------------------------------------------------
-
-BASE_TYPES = ("PER", "LOC", "ORG")
-
-
-def entity_types(tag_lists: Sequence[Sequence[str]], other_tag: str) -> list[str]:
-    """PER, LOC, ORG, the dataset's other tag, then any further type found in the tags (sorted)."""
-    types = list(BASE_TYPES) + [other_tag]
-    found = sorted({t.split("-", 1)[1] for tags in tag_lists for t in tags if "-" in t} - set(types))
-    return types + found
-
-
-def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Write ``features/<ds>/text``: first-sub-word features per sample + type-prompt features."""
-    from pipeline.encoders.text import load_text_encoder, prompt_texts, type_prompt_features, word_features
-    from pipeline.stores.tables import manifest_rows, write_text_features
-
-    t0 = time.perf_counter()
-    if dataset not in params["datasets"]:
-        raise ExtractError(f"params.yaml: datasets: no dataset named {dataset!r}")
-    ds = params["datasets"][dataset]
-    if ds["kind"] != "mner":
-        raise ExtractError(f"params.yaml: datasets.{dataset}.kind is {ds['kind']!r}; the text stage needs an mner dataset")
-    other_tag = str(ds["other_tag"])
-    p = params["text"]
-    setup_torch(p.get("threads"))
-    batch_size = _positive_int(p["batch_size"], "text.batch_size")
-    device = str(p.get("device", "cpu") or "cpu")
-    samples = manifest_rows(prepared_dir(dataset) / "samples.parquet", ["split", "sample_id", "tokens", "tags"])
-    enc = load_text_encoder(p, device=device)
-    t1 = time.perf_counter()
-    wf = word_features(enc, [s["tokens"] for s in samples], batch_size=batch_size, progress=f"text {dataset}")
-    types = entity_types([s["tags"] for s in samples], other_tag)
-    template = str(p["type_prompt"])
-    prompts = type_prompt_features(enc, types, template)
-    seconds = time.perf_counter() - t1
-    inputs_sha = fingerprint([(s["sample_id"], s["tokens"]) for s in samples])
-    semantic = {"model": enc.provenance["model"], "layers": enc.layers, "max_length": enc.max_length,
-                "type_prompt": template}
-    run_fp = fingerprint("text", enc.provenance, semantic, types, inputs_sha)
-    provenance = {"stage": "text", "dataset": dataset, "encoder": enc.provenance, "params": semantic,
-                  "types": types, "prompts": prompt_texts(enc, types, template),
-                  "type_prompt_pooling": "mean over the prompt's own sub-tokens (no [CLS]/[SEP])",
-                  "inputs_sha": inputs_sha, "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
-    out = Path(out_dir) if out_dir else features_dir(dataset, "text")
-    rows = [{"sample_id": s["sample_id"], "n_words": n, "n_kept": k, "feats": f}
-            for s, n, k, f in zip(samples, wf.n_words, wf.n_kept, wf.features)]
-    write_text_features(out, rows, prompts, provenance)
-    truncated = [{"sample_id": s["sample_id"], "split": s["split"], "words": n, "kept": k}
-                 for s, n, k in zip(samples, wf.n_words, wf.n_kept) if n > k]
-    report = {"stage": "text", "dataset": dataset, "fingerprint": run_fp, **wf.stats(),
-              "truncated_samples": truncated, "types": types, "layers": enc.layers, "hidden_size": enc.hidden_size,
-              "seconds": round(seconds, 3),
-              "samples_per_s": round(len(samples) / seconds, 3) if seconds > 0 and samples else 0.0,
-              "seconds_total": round(time.perf_counter() - t0, 3)}
-    write_report(dataset, report["stage"], report)
-    return report
-
-
-# ---- captions (retrieval / EGR) -----------------------------------------------------------------
-
-def caption_slot_texts(text: str, entities: Sequence[str], prompt: str, mask_token: str,
-                       slots: int) -> tuple[list[str], list[str], int]:
-    """AGREE's EGR inputs for one caption: (prompts, masked captions, n_entities).
-
-    Prompts ``prompt.format(entity=e)``; masked captions ``text.replace(e, mask_token)``
-    (plain, case-sensitive); both padded with "" or cut to exactly ``slots``;
-    ``n_entities`` = real entities kept (<= slots).
-    """
-    ents = [str(e) for e in entities][:slots]
-    try:
-        prompts = [prompt.format(entity=e) for e in ents]
-    except (KeyError, IndexError, ValueError) as err:
-        raise ExtractError(f"params.yaml: captions.prompt: {prompt!r}: only {{entity}} may be used ({err})") from None
-    masked = [text.replace(e, mask_token) for e in ents]
-    pad = [""] * (slots - len(ents))
-    return prompts + pad, masked + pad, len(ents)
-
-
-def _over_context(bundle: Any, texts: Sequence[str]) -> int | None:
-    """How many texts the CLIP tokenizer cuts at its context length (None if it cannot tell)."""
-    try:
-        ctx = int(bundle.tokenizer.context_length)
-        return sum(1 for t in texts if len(bundle.tokenizer.encode(t)) + 2 > ctx)  # + start/end tokens
-    except (AttributeError, TypeError):
-        return None
-
-
-def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Write ``features/<ds>/captions``: emb (N, D), prompt_emb (N, S, D), mask_emb (N, S, D), n_entities (N,)."""
-    from pipeline.encoders.clip import encode_texts, load_clip
-    from pipeline.stores.tables import manifest_rows, write_caption_features
-
-    t0 = time.perf_counter()
-    if dataset not in params["datasets"]:
-        raise ExtractError(f"params.yaml: datasets: no dataset named {dataset!r}")
-    kind = params["datasets"][dataset]["kind"]
-    if kind != "retrieval":
-        raise ExtractError(f"params.yaml: datasets.{dataset}.kind is {kind!r}; the captions stage needs a retrieval dataset")
-    cp = params["captions"]
-    slots = _positive_int(cp["slots"], "captions.slots")
-    batch_size = _positive_int(cp["batch_size"], "captions.batch_size")
-    prompt, mask_token = str(cp["prompt"]), str(cp["mask_token"])
-    setup_torch(params["clip"].get("threads"))
-    bundle = load_clip(params["clip"], device=resolve_device(params["clip"].get("device", "cpu")))
-    captions = manifest_rows(prepared_dir(dataset) / "captions.parquet", ["split", "caption_id", "text", "entities"])
-    t1 = time.perf_counter()
-    prompt_lists, mask_lists, n_ent, cut, not_found = [], [], [], 0, 0
-    for c in captions:
-        ents = list(c["entities"] or [])
-        p_list, m_list, n = caption_slot_texts(c["text"], ents, prompt, mask_token, slots)
-        prompt_lists.append(p_list)
-        mask_lists.append(m_list)
-        n_ent.append(n)
-        cut += max(0, len(ents) - slots)
-        not_found += sum(1 for e in ents[:slots] if e not in c["text"])
-    texts = [c["text"] for c in captions]
-    # every distinct string is encoded once (sorted: batches do not depend on manifest order)
-    unique = sorted(set(texts) | {s for lst in prompt_lists + mask_lists for s in lst})
-    emb_u = encode_texts(bundle, unique, batch_size=batch_size, progress=f"captions {dataset}").numpy()  # (U, D)
-    row = {s: i for i, s in enumerate(unique)}
-    n, dim = len(captions), bundle.embed_dim
-    emb = emb_u[[row[t] for t in texts]].reshape(n, dim)
-    prompt_emb = emb_u[[row[s] for lst in prompt_lists for s in lst]].reshape(n, slots, dim)
-    mask_emb = emb_u[[row[s] for lst in mask_lists for s in lst]].reshape(n, slots, dim)
-    too_long = _over_context(bundle, unique)
-    seconds = time.perf_counter() - t1
-    inputs_sha = fingerprint([(c["caption_id"], c["text"], list(c["entities"] or [])) for c in captions])
-    semantic = {"prompt": prompt, "mask_token": mask_token, "slots": slots, "padding": "empty string, encoded"}
-    text_prov = {k: v for k, v in bundle.provenance.items() if k != "preprocessing"}
-    run_fp = fingerprint("captions", text_prov, semantic, inputs_sha)
-    provenance = {"stage": "captions", "dataset": dataset, "clip": text_prov, "params": semantic,
-                  "embeddings": "open_clip encode_text, projected, not normalised",
-                  "inputs_sha": inputs_sha, "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
-    out = Path(out_dir) if out_dir else features_dir(dataset, "captions")
-    write_caption_features(out, [c["caption_id"] for c in captions], emb, prompt_emb, mask_emb, n_ent, provenance)
-    splits = Counter(c["split"] for c in captions)
-    report = {"stage": "captions", "dataset": dataset, "fingerprint": run_fp, "captions": n,
-              "by_split": dict(sorted(splits.items())), "slots": slots, "entities_kept": int(sum(n_ent)),
-              "entities_cut": cut, "entities_not_in_caption": not_found,
-              "captions_without_entities": sum(1 for x in n_ent if x == 0),
-              "distinct_texts_encoded": len(unique), "texts_over_context_length": too_long,
-              "seconds": round(seconds, 3), "texts_per_s": round(len(unique) / seconds, 3) if seconds > 0 else 0.0,
-              "seconds_total": round(time.perf_counter() - t0, 3)}
-    write_report(dataset, report["stage"], report)
-    return report
