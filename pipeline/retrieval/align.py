@@ -30,8 +30,8 @@ from pipeline.retrieval.data import ALIGNED_IMAGES, DISABLED_MARK, RetrievalSet
 class AlignConfig:
     enabled: bool = False
     dim: int = 0                # output size; 0 keeps the embedding size
-    epochs: int = 20
-    lr: float = 1e-3
+    epochs: int = 100
+    lr: float = 1e-2
     batch_size: int = 64
     temperature: float = 0.05
     entity_weight: float = 0.5
