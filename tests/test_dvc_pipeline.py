@@ -57,7 +57,10 @@ def test_first_repro_builds_every_cache_model_and_metric(project):
                                cwd=proj, capture_output=True, text=True)
             assert p.returncode == 0, p.stdout + p.stderr
     mner = json.loads((proj / "metrics/demo_tweets/mner.json").read_text())
-    assert 0.0 <= mner["test"]["f1"] <= 1.0 and set(mner["test"]["per_type"]) == {"PER", "LOC", "ORG", "MISC"}
+    assert set(mner["test"]["per_type"]) == {"PER", "LOC", "ORG", "MISC"}
+    # half of the demo's entity names are ambiguous in text: text alone gets about 0.72 F1
+    # (README), the full model about 0.96; 0.85 fails if the image branches stop helping
+    assert mner["test"]["f1"] > 0.85, mner["test"]
     retrieval = json.loads((proj / "metrics/demo_flickr/retrieval.json").read_text())
     for direction in ("t2i", "i2t"):
         for lst in ("plain", "egr", "tbr", "egr_tbr"):

@@ -94,3 +94,31 @@ def test_unknown_kind_names_the_param(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
     with pytest.raises(ValueError, match=r"datasets.x.kind is 'video'"):
         prepare_dataset("x", {"kind": "video"}, IMAGES, "out")
+
+
+def test_prepare_newsmkg_paths_and_counted_skips(tmp_path, monkeypatch):
+    # NewsMKG: IMGID is a path relative to the dataset dir, ".jpg" appended; bad tweets skipped and counted
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    d = tmp_path / "data" / "nm"
+    (d / "img" / "2019").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(d / "img" / "2019" / "a1.jpg")
+    _tweets(d / "train.txt", ["IMGID:img/2019/a1\nObama\tB-PER\nspeaks\tO",
+                              "IMGID:img/2019/a2\nno tab here",            # malformed: skipped
+                              "IMGID:img/2019/a3\nx\tB-FOO"])             # unknown tag: skipped
+    _tweets(d / "valid.txt", ["IMGID:img/2019/a1\nhi\tO"])
+    _tweets(d / "test.txt", ["IMGID:img/2019/a4\nyo\tO"])
+    ds = {"kind": "mner", "format": "newsmkg", "dir": "data/nm", "images": "",
+          "splits": {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"},
+          "other_tag": "MISC", "on_bad_line": "skip"}
+    report = prepare_dataset("nm", ds, IMAGES, "data/prepared/nm")
+    out = tmp_path / "data/prepared/nm"
+    samples = pq.read_table(out / "samples.parquet").to_pylist()
+    assert [(s["split"], s["image_id"]) for s in samples] == [
+        ("train", "img/2019/a1"), ("valid", "img/2019/a1"), ("test", "img/2019/a4")]
+    images = {r["image_id"]: r for r in pq.read_table(out / "images.parquet").to_pylist()}
+    assert images["img/2019/a1"]["path"] == "data/nm/img/2019/a1.jpg" and images["img/2019/a1"]["status"] == "ok"
+    assert images["img/2019/a4"]["status"] == "missing"
+    skipped = report["skipped"]["train"]
+    assert [s["line"] for s in skipped] == [6, 9]  # the offending lines, not the IMGID lines
+    assert [s["reason"] for s in skipped] == ["bad_line", "unknown_tag"]
+    assert report["samples"]["train"]["skipped_by_reason"] == {"bad_line": 1, "unknown_tag": 1}
