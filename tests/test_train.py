@@ -140,7 +140,7 @@ def test_checkpoint_round_trip(tmp_path):
 def _write_project(root, n_train=96, n_valid=32, n_test=32, max_kept=None):
     """Real Parquet manifests, a real text-feature table and real HDF5 shards under ``root``."""
     splits = {"train": synth(n_train, 0, "t"), "valid": synth(n_valid, 1, "v"), "test": synth(n_test, 2, "x")}
-    rows, words, pooled_ids, prec, rrec = [], [], [], {}, {}
+    rows, words, prec, rrec = [], [], {}, {}
     for split, (samples, text, pr, rr) in splits.items():
         for i, s in enumerate(samples):
             rows.append({"split": split, "sample_id": s.sample_id, "image_id": s.image_id,
