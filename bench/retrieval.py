@@ -8,8 +8,8 @@ For galleries of N random 512-d float32 unit vectors (default 10k, 100k, 1M):
    search, over a small sweep of nprobe / efSearch;
 3. the share of EGR + TBR in text-to-image retrieval with flat search and with the fastest
    approximate setting that keeps recall@10 >= 0.95: search, EGR on the queries' pools, TBR
-   on the plain and EGR lists. TBR needs each candidate image's own image-to-text list (over
-   the caption collection, here the query captions as in AGREE's test protocol); those back
+   on the EGR lists (the EGR+TBR list). TBR needs each candidate image's own image-to-text
+   list (over the caption collection, here the query captions as in AGREE's test protocol); those back
    lists do not depend on the query and can be built with the index, so the share is shown
    with them precomputed, and again with them computed on demand (image-to-text search + EGR
    for every image in a forward list).
