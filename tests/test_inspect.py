@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.artifacts import write_parquet
-from pipeline.stores.inspect import PALETTE, check
+from pipeline.stores.inspect import PALETTE, check, default_manifest
 from pipeline.stores.shards import run_shards, shard_path, write_shard
 from pipeline.stores.tables import write_caption_features, write_text_features
 from stages.inspect import main
@@ -108,7 +108,7 @@ def test_check_against_the_images_manifest(project, capsys):
     assert "missing.parquet: not found" in capsys.readouterr().err
 
 
-def test_plain_check_uses_the_prepared_manifest_beside_the_cache(project, capsys):
+def test_plain_check_uses_the_prepared_manifest_beside_the_cache(project, capsys, monkeypatch):
     d = "features/demo/regions"
     assert main([d, "--check"]) == 0
     assert "against the manifest" in capsys.readouterr().out
@@ -118,6 +118,25 @@ def test_plain_check_uses_the_prepared_manifest_beside_the_cache(project, capsys
                   project / "data" / "prepared" / "demo" / "images.parquet", {"stage": "prepare"})
     assert main([d, "--check"]) == 1
     assert "1 image_id(s) of " in capsys.readouterr().out
+    # one shard holds only some of the images: no default manifest for it
+    assert main([f"{d}/shard-00002.h5", "--check"]) == 0
+    assert "against the manifest" not in capsys.readouterr().out
+    assert default_manifest(f"{d}/shard-00002.h5") is None
+    # nor for a dir that is not one of the whole caches (aligned holds the test split only)
+    (project / "features" / "demo" / "aligned").mkdir()
+    assert default_manifest(project / "features" / "demo" / "aligned") is None
+    # the manifest is found beside the cache, wherever the command runs from
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert default_manifest(project / d) == project / "data" / "prepared" / "demo" / "images.parquet"
+
+
+def test_check_reports_temp_files_of_an_interrupted_write(project, capsys):
+    d = project / "features" / "demo" / "regions"
+    (d / ".shard-00001.h5.12345.tmp").write_bytes(b"half a shard")
+    assert main([str(d), "--check"]) == 1
+    assert "temporary file(s) of an interrupted write: .shard-00001.h5.12345.tmp" in capsys.readouterr().out
 
 
 def test_check_damaged_files_and_mixed_runs(project):

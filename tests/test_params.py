@@ -82,6 +82,8 @@ def test_missing_declared_param_names_params_yaml(root):
     with pytest.raises(MissingParamError, match=r"params.yaml: missing param 'fusion.dropout'"):
         p["fusion"]["dropout"]
     assert p["fusion"].get("dropout", 0.5) == 0.5
+    assert "dropout" not in p["fusion"]  # declared (fusion is) but absent from params.yaml
+    assert "layers" in p["fusion"]
 
 
 def test_unknown_stage_and_missing_instance(root):

@@ -16,6 +16,7 @@ from pipeline.artifacts import fingerprint, package_versions
 from pipeline.extract.common import (PACKAGES, ExtractError, positive_int, features_dir, prepared_dir,
                                      resolve_device, setup_torch, write_report)
 
+
 def caption_slot_texts(text: str, entities: Sequence[str], prompt: str, mask_token: str,
                        slots: int) -> tuple[list[str], list[str], int]:
     """AGREE's EGR inputs for one caption: (prompts, masked captions, n_entities).

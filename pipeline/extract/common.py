@@ -52,12 +52,12 @@ def setup_torch(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def resolve_device(device: str | None) -> str:
-    """``cuda`` becomes ``cuda:<LOCAL_RANK>`` under torchrun; a missing GPU is a clear error."""
+def resolve_device(device: str | None, param: str = "clip.device") -> str:
+    """``cuda`` becomes ``cuda:<LOCAL_RANK>`` under torchrun; a missing GPU is a clear error naming ``param``."""
     device = str(device or "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ExtractError(f"params.yaml: clip.device: {device!r} but no CUDA device is available")
+            raise ExtractError(f"params.yaml: {param}: {device!r} but no CUDA device is available")
         if device == "cuda" and "LOCAL_RANK" in os.environ:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return device

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import fingerprint, package_versions
-from pipeline.extract.common import PACKAGES, ExtractError, positive_int, features_dir, prepared_dir, setup_torch, write_report
+from pipeline.extract.common import (PACKAGES, ExtractError, features_dir, positive_int, prepared_dir, resolve_device,
+                                     setup_torch, write_report)
 
 BASE_TYPES = ("PER", "LOC", "ORG")
 
@@ -40,7 +41,7 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
     p = params["text"]
     setup_torch(p.get("threads"))
     batch_size = positive_int(p["batch_size"], "text.batch_size")
-    device = str(p.get("device", "cpu") or "cpu")
+    device = resolve_device(p.get("device", "cpu"), "text.device")
     samples = manifest_rows(prepared_dir(dataset) / "samples.parquet", ["split", "sample_id", "tokens", "tags"])
     enc = load_text_encoder(p, device=device)
     t1 = time.perf_counter()

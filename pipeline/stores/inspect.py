@@ -374,20 +374,23 @@ def _compare_with_manifest(have: Sequence[str], manifest: str | os.PathLike, col
     return problems
 
 
-# the prepared manifest whose ids a cache of each kind must hold exactly once
-MANIFEST_OF_KIND = {"shards": "images.parquet", "text": "samples.parquet", "captions": "captions.parquet"}
+# the prepared manifest whose ids each whole cache dir must hold exactly once
+MANIFEST_OF_CACHE = {"patches": "images.parquet", "regions": "images.parquet",
+                     "text": "samples.parquet", "captions": "captions.parquet"}
 
 
 def default_manifest(path: str | os.PathLike) -> Path | None:
-    """features/<ds>/<cache> -> data/prepared/<ds>/<its manifest>, if that file exists."""
-    from pipeline.paths import project_path
+    """<root>/features/<ds>/<cache> -> <root>/data/prepared/<ds>/<its manifest>, if it exists.
 
-    p = Path(path)
-    name = MANIFEST_OF_KIND.get(detect_kind(p))
-    if name is None:
+    Only for a whole cache dir of the stages that cache every prepared item (patches,
+    regions, text, captions); a single shard or another dir (e.g. ``aligned``, which holds
+    the test split only) has no default.
+    """
+    d = Path(path).resolve()
+    name = MANIFEST_OF_CACHE.get(d.name)
+    if not d.is_dir() or name is None or d.parent.parent.name != "features":
         return None
-    d = p.parent if p.is_file() else p
-    cand = project_path(Path("data") / "prepared" / d.parent.name / name)
+    cand = d.parent.parent.parent / "data" / "prepared" / d.parent.name / name
     return cand if cand.exists() else None
 
 
@@ -445,6 +448,9 @@ def check_shards(p: Path, manifest: str | os.PathLike | None = None) -> list[str
             problems.append(f"{name}: an empty id")
         problems += _check_shard_values(info)
     problems += _duplicates(where)
+    if p.is_dir() and (tmp := S.temp_leftovers(p)):
+        problems.append(f"temporary file(s) of an interrupted write: {', '.join(t.name for t in tmp)} "
+                        f"(rerun the stage: it resumes and removes them)")
     if manifest is not None:
         problems += _compare_with_manifest([i for info in infos for i in info.ids], manifest, "image_id")
     return problems
@@ -622,7 +628,7 @@ def draw_regions(path: str | os.PathLike, item_id: str, out_png: str | os.PathLi
     with h5py.File(info.path, "r") as f:
         a = {k: np.asarray(f[k][row]) for k in ("boxes", "mask", "labels", "scores") if k in f}
 
-    manifest = Path(images_manifest) if images_manifest else default_manifest(p)
+    manifest = Path(images_manifest) if images_manifest else default_manifest(p if p.is_dir() else p.parent)
     if manifest is None:
         raise InspectError("--draw needs --images-manifest data/prepared/<ds>/images.parquet (not found beside the cache)")
     rows = [r for r in T.manifest_rows(manifest, ["image_id", "path"]) if str(r["image_id"]) == item_id]
