@@ -72,6 +72,7 @@ def _write_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, curv
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, d, title in zip(axes, ("t2i", "i2t"), ("text to image", "image to text")):
@@ -80,6 +81,7 @@ def _write_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, curv
             ax.plot(np.arange(1, len(c) + 1), c, marker=".", label=method.replace("_", "+").upper())
         ax.set_title(title)
         ax.set_xlabel("K")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # K is a count
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall@K (%)")
     axes[1].legend(loc="lower right")
