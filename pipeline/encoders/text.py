@@ -200,31 +200,30 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
     kept = [0] * n
     n_layers, d = len(enc.layers), enc.hidden_size
     order = sorted(range(n), key=lambda i: (len(words[i]), i))
-    bar = tqdm(total=n, desc=progress, unit="sample", disable=progress is None, mininterval=1.0)
-    for start in range(0, n, max(1, int(batch_size))):
-        idx = order[start:start + batch_size]
-        bar.update(len(idx))
-        nonempty = [i for i in idx if words[i]]
-        for i in idx:
-            if not words[i]:
-                feats[i] = np.zeros((0, n_layers, d), np.float32)
-        if not nonempty:
-            continue
-        batch = enc.tokenizer([words[i] for i in nonempty], is_split_into_words=True, truncation=True,
-                              max_length=enc.max_length, padding=True, return_tensors="pt")
-        hs = _hidden_states(enc, {k: v for k, v in batch.items()})  # (B, L, n_layers, d)
-        for b, i in enumerate(nonempty):
-            first: dict[int, int] = {}
-            for pos, w in enumerate(batch.word_ids(b)):
-                if w is not None and w not in first:
-                    first[w] = pos
-            # words are kept in order: the kept ones are exactly 0 .. n_kept-1
-            n_kept = len(first)
-            if sorted(first) != list(range(n_kept)):
-                raise RuntimeError(f"sample {i}: word alignment has gaps ({sorted(first)[:10]}...)")
-            kept[i] = n_kept
-            feats[i] = hs[b, [first[w] for w in range(n_kept)]].numpy().astype(np.float32, copy=False)
-    bar.close()
+    with tqdm(total=n, desc=progress, unit="sample", disable=progress is None, mininterval=1.0) as bar:
+        for start in range(0, n, max(1, int(batch_size))):
+            idx = order[start:start + batch_size]
+            bar.update(len(idx))
+            nonempty = [i for i in idx if words[i]]
+            for i in idx:
+                if not words[i]:
+                    feats[i] = np.zeros((0, n_layers, d), np.float32)
+            if not nonempty:
+                continue
+            batch = enc.tokenizer([words[i] for i in nonempty], is_split_into_words=True, truncation=True,
+                                  max_length=enc.max_length, padding=True, return_tensors="pt")
+            hs = _hidden_states(enc, {k: v for k, v in batch.items()})  # (B, L, n_layers, d)
+            for b, i in enumerate(nonempty):
+                first: dict[int, int] = {}
+                for pos, w in enumerate(batch.word_ids(b)):
+                    if w is not None and w not in first:
+                        first[w] = pos
+                # words are kept in order: the kept ones are exactly 0 .. n_kept-1
+                n_kept = len(first)
+                if sorted(first) != list(range(n_kept)):
+                    raise RuntimeError(f"sample {i}: word alignment has gaps ({sorted(first)[:10]}...)")
+                kept[i] = n_kept
+                feats[i] = hs[b, [first[w] for w in range(n_kept)]].numpy().astype(np.float32, copy=False)
     return WordFeatures(features=[f for f in feats], n_words=[len(w) for w in words], n_kept=kept,
                         empty_words=empty_counts)
 
