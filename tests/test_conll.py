@@ -1,7 +1,9 @@
-"""CoNLL reader (Twitter-2015/2017, NewsMKG) on real files written into tmp_path."""
+"""CoNLL reader (Twitter-2015/2017, NewsMKG, plain CoNLL / WNUT-17) on real files written into tmp_path."""
+from pathlib import Path
+
 import pytest
 
-from pipeline.data.conll import ConllFormatError, Sample, normalise_tag, read_conll
+from pipeline.data.conll import ConllFormatError, Sample, conll_tag, is_blank_token, normalise_tag, read_conll
 
 # A Twitter-2015 style snippet: OTHER type, URL/@name/emoji/&amp tokens, a stray I- tag,
 # and NO blank line after the last tweet.
@@ -105,7 +107,7 @@ BAD = [
     ("IMGID:1\na\tO\n\nIMGID:2\nb\tO\n\nIMGID:1\nc\tO\n", 7, "duplicate_imgid", "first at line 1"),
     ("IMGID:1\na\tO\n\nIMGID:2\n\nIMGID:3\nc\tO\n", 4, "no_tokens", "no tokens"),
     ("IMGID:1\na\tO\n\tB-PER\n", 3, "empty_token", "empty token"),
-    ("IMGID:1\na\tO\n  \tO\n", 3, "empty_token", "empty token"),
+    ("IMGID:1\na\tO\n\tO\n", 3, "empty_token", "empty token"),  # zero characters; "  " is a blank token
 ]
 
 
@@ -167,3 +169,186 @@ def test_missing_file_names_path(tmp_path):
 def test_empty_file_gives_no_samples(tmp_path):
     r = read_conll(write(tmp_path, "\n\n"))
     assert r.samples == [] and r.counts["tweets"] == 0
+
+
+
+# ---- blank tokens (all formats) ----------------------------------------------------------
+
+@pytest.mark.parametrize("on_bad_line", ["raise", "skip"])
+def test_twitter_lone_nbsp_token_is_kept(tmp_path, on_bad_line):
+    # Twitter-2015 valid.txt holds a token that is a lone U+00A0: a token, not an empty one
+    text = "IMGID:1\nRT\tO\n\u00a0\tO\nObama\tB-PER\n\nIMGID:2\nhi\tO\n"
+    r = read_conll(write(tmp_path, text, "valid.txt"), on_bad_line=on_bad_line)
+    assert r.skipped == []
+    assert r.samples[0] == Sample("1", ["RT", "\u00a0", "Obama"], ["O", "O", "B-PER"], 1)
+    assert r.counts["blank_tokens"] == 1 and r.counts["tokens"] == 4 and r.counts["tweets"] == 2
+
+
+def test_blank_tokens_of_all_kinds_kept_unchanged(tmp_path):
+    blanks = ["  ", "\u200b", "\u200c\u200d", "\u2060", "\u2002\u3000", "\u00a0\u200b"]
+    text = "IMGID:1\n" + "".join(f"{b}\tO\n" for b in blanks) + "x\tO\n\ufeff\tB-LOC\n"  # BOM as the whole token
+    r = read_conll(write(tmp_path, text))
+    assert r.samples[0].tokens == blanks + ["x", "\ufeff"]
+    assert r.samples[0].tags[-1] == "B-LOC"
+    assert r.counts["blank_tokens"] == len(blanks) + 1
+    assert not is_blank_token("") and not is_blank_token("a\u00a0") and not is_blank_token("watched\u200bwas")
+
+
+def test_empty_file_counts_zero_blank_tokens(tmp_path):
+    r = read_conll(write(tmp_path, "IMGID:1\na\tO\n"))
+    assert r.counts["blank_tokens"] == 0 and r.counts["sentences"] == r.counts["tweets"] == 1
+
+
+# ---- fmt="conll" -------------------------------------------------------------------------
+
+# WNUT-17 style: TAB-only separator lines, -DOCSTART-, space-separated lines, blank tokens,
+# data-defined types, an IMGID-looking token, no trailing newline.
+CONLL = (
+    "-DOCSTART- -X- -X- O\n"         # 1: skipped
+    "\n"
+    "@paulwalk\tO\n"                  # 3: sentence 1
+    "It\tO\n"
+    "'s\tO\n"
+    "\t\n"                            # 6: a single TAB separates
+    "The\tO\n"                        # 7: sentence 2
+    "Empire\tB-creative-work\n"
+    "Strikes\tI-creative-work\n"
+    "\u00a0\tI-creative-work\n"       # U+00A0 token inside an entity
+    "Back\tI-creative-work\n"
+    "\t\n"
+    "  \n"                            # several whitespace-only separators in a row
+    "\n"
+    "Apple B-corporation\n"           # 15: sentence 3, space separated
+    "\u200b O\n"                      # U+200B token, space separated
+    "New York\tB-location\n"          # a space inside a tab-separated token
+    "IMGID:99 O\n"                    # no special meaning in conll
+    "-DOCSTART-\tO\n"                 # 19: skipped, ends sentence 3
+    "x.y I-my_type.v2\n"              # 20: sentence 4 (stray I-)
+    "ok\tO"                           # no trailing newline
+)
+
+
+def test_conll_snippet(tmp_path):
+    r = read_conll(write(tmp_path, CONLL, "train.conll"), fmt="conll")
+    assert [s.line for s in r.samples] == [3, 7, 15, 20]
+    assert all(s.image_id == "" for s in r.samples)
+    assert r.samples[0].tokens == ["@paulwalk", "It", "'s"]
+    assert r.samples[1] == Sample("", ["The", "Empire", "Strikes", "\u00a0", "Back"],
+                                  ["O", "B-creative-work", "I-creative-work", "I-creative-work", "I-creative-work"], 7)
+    assert r.samples[2].tokens == ["Apple", "\u200b", "New York", "IMGID:99"]
+    assert r.samples[2].tags == ["B-corporation", "O", "B-location", "O"]
+    assert r.samples[3].tokens == ["x.y", "ok"] and r.samples[3].tags == ["I-my_type.v2", "O"]
+    assert r.counts["sentences"] == r.counts["tweets"] == 4
+    assert r.counts["tokens"] == 3 + 5 + 4 + 2
+    assert r.counts["blank_tokens"] == 2
+    assert r.counts["stray_i"] == 1
+    assert r.counts["tags"]["B-creative-work"] == 1 and r.counts["tags"]["I-creative-work"] == 3
+    assert r.skipped == []
+
+
+def test_conll_crlf_bom_and_trailing_newline_give_same_result(tmp_path):
+    a = read_conll(write(tmp_path, CONLL, "a.conll"), fmt="conll")
+    b = read_conll(write(tmp_path, "\ufeff" + CONLL.replace("\n", "\r\n") + "\r\n\r\n", "b.conll"), fmt="conll")
+    assert a.samples == b.samples and a.counts == b.counts
+
+
+def test_conll_ignores_other_tag_and_fixed_types(tmp_path):
+    p = write(tmp_path, "a\tB-OTHER\nb\tI-MISC\nc\tB-PER\n", "t.conll")
+    r = read_conll(p, fmt="conll", other_tag="MI SC")  # other_tag is neither checked nor applied
+    assert r.samples[0].tags == ["B-OTHER", "I-MISC", "B-PER"]
+    assert conll_tag("B-creative-work") == "B-creative-work"
+    assert conll_tag("B-") is None and conll_tag("B-1x") is None and conll_tag("E-person") is None
+
+
+BAD_CONLL = [
+    ("a\tO\nb\tB-DATE!\n", 2, "unknown_tag", "B-DATE!"),
+    ("a\tO\nb\tperson\n", 2, "unknown_tag", "'person'"),
+    ("a O\nb B-\n", 2, "unknown_tag", "'B-'"),
+    ("a\tO\n\nb\tO\tX\n", 3, "bad_line", "2 tabs"),
+    ("a\tO\nnoseparator\n", 2, "bad_line", "no tab or space"),
+    ("a\tO\n\tB-person\n", 2, "empty_token", "empty token"),
+    ("a\tO\n O\n", 2, "empty_token", "empty token"),
+    ("IMGID:1\na\tO\n", 1, "bad_line", "no tab or space"),
+]
+
+
+@pytest.mark.parametrize("text,line,reason,words", BAD_CONLL)
+def test_conll_malformed_raises_with_file_and_line(tmp_path, text, line, reason, words):
+    p = write(tmp_path, text, "dev.conll")
+    with pytest.raises(ConllFormatError) as ei:
+        read_conll(p, fmt="conll")
+    e = ei.value
+    assert (e.line, e.reason) == (line, reason)
+    assert str(e).startswith(f"{p}:{line}: ") and words in str(e)
+
+
+def test_conll_skip_mode_skips_whole_sentences(tmp_path):
+    text = (
+        "a\tB-person\n"          # 1: good
+        "\t\n"
+        "b\tO\n"                 # 3: bad tag on line 4 -> sentence skipped
+        "c\tB-bad tag\n"
+        "d\tO\n"
+        "\n"
+        "-DOCSTART- -X- O\n"
+        "e\tO\tO\n"              # 8: bad line
+        "\n"
+        "f g\tI-group\n"         # 10: good
+    )
+    r = read_conll(write(tmp_path, text, "t.conll"), fmt="conll", on_bad_line="skip")
+    assert [(s.line, s.tokens) for s in r.samples] == [(1, ["a"]), (10, ["f g"])]
+    assert [(s["line"], s["block_line"], s["reason"]) for s in r.skipped] == [(4, 3, "unknown_tag"), (8, 8, "bad_line")]
+    assert r.counts["skipped"] == 2 and r.counts["sentences"] == 2
+    assert r.counts["skipped_by_reason"] == {"bad_line": 1, "unknown_tag": 1}
+
+
+# ---- the real WNUT-17 files (data/wnut17, see its README) -----------------------------------
+
+WNUT = Path(__file__).resolve().parents[1] / "data" / "wnut17"
+# sentences as in the README; B- tags counted in the files (README: 1980 for train, but the
+# published train file holds 1975 lines tagged B-; dev and test match the README)
+WNUT_EXPECTED = {"train.conll": (3394, 1975), "dev.conll": (1009, 836), "test.conll": (1287, 1079)}
+WNUT_TYPES = {"person", "location", "group", "creative-work", "corporation", "product"}
+
+
+def _plain_count(path: Path) -> tuple[int, int, set, int]:
+    """Sentences, B- tags, types and token lines of a tab-separated file, counted naively."""
+    sentences = b_tags = tokens = 0
+    types, in_sentence = set(), False
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if line.strip() == "":
+            in_sentence = False
+            continue
+        sentences += not in_sentence
+        in_sentence = True
+        tokens += 1
+        tag = line.split("\t")[-1]
+        if tag != "O":
+            types.add(tag[2:])
+        b_tags += tag.startswith("B-")
+    return sentences, b_tags, types, tokens
+
+
+@pytest.mark.parametrize("name", sorted(WNUT_EXPECTED))
+def test_real_wnut17_files(name):
+    path = WNUT / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    sentences, b_tags, types, tokens = _plain_count(path)
+    assert (sentences, b_tags) == WNUT_EXPECTED[name]
+    assert types == WNUT_TYPES
+    r = read_conll(path, fmt="conll")
+    assert r.skipped == []
+    assert r.counts["sentences"] == r.counts["tweets"] == sentences
+    assert r.counts["tokens"] == tokens
+    assert sum(n for t, n in r.counts["tags"].items() if t.startswith("B-")) == b_tags
+    assert {t[2:] for t in r.counts["tags"] if t != "O"} == WNUT_TYPES
+    assert all(s.image_id == "" and len(s.tokens) == len(s.tags) > 0 for s in r.samples)
+
+
+def test_real_wnut17_dev_zero_width_tokens_unchanged():
+    path = WNUT / "dev.conll"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    tokens = {t for s in read_conll(path, fmt="conll").samples for t in s.tokens}
+    assert "watched\u200bwas" in tokens and "Dubbz\ufeff" in tokens  # zero-width chars inside tokens stay

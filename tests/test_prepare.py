@@ -1,5 +1,6 @@
 """prepare: raw files -> manifests, with image statuses counted and escapes refused."""
 import json
+from types import MappingProxyType
 
 import pyarrow.parquet as pq
 import pytest
@@ -48,6 +49,7 @@ def test_prepare_mner_manifests(mner_dir):
     assert images["../../secret"]["status"] == "refused" and images["../../secret"]["path"] == ""
     assert report["images"]["fallbacks"] == 3
     assert report["images"]["counts"] == {"converted_L": 1, "missing": 1, "ok": 1, "refused": 1, "zero_byte": 1}
+    assert report["has_images"] is True and report["blank_tokens"] == 0
     prov = read_parquet_provenance(out / "samples.parquet")
     assert prov["dataset"] == "tw" and len(prov["fingerprint"]) == 64
 
@@ -122,3 +124,36 @@ def test_prepare_newsmkg_paths_and_counted_skips(tmp_path, monkeypatch):
     assert [s["line"] for s in skipped] == [6, 9]  # the offending lines, not the IMGID lines
     assert [s["reason"] for s in skipped] == ["bad_line", "unknown_tag"]
     assert report["samples"]["train"]["skipped_by_reason"] == {"bad_line": 1, "unknown_tag": 1}
+
+
+def test_prepare_conll_has_no_images(tmp_path, monkeypatch):
+    # format conll (e.g. WNUT-17): text only; no images looked for, images.parquet empty
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    import pipeline.data.prepare as prepare_mod
+
+    def no_images(*a, **k):
+        raise AssertionError("conll datasets have no images to load")
+    monkeypatch.setattr(prepare_mod, "load_image", no_images)
+    d = tmp_path / "data" / "wn"
+    d.mkdir(parents=True)
+    (d / "train.conll").write_text("-DOCSTART- -X- -X- O\n\n@x\tO\nParis\tB-location\n\t\n"
+                                   "\u00a0\tO\nStar Wars\tB-creative-work\n\t\n", encoding="utf-8")
+    (d / "dev.conll").write_text("a O\nb B-person", encoding="utf-8")
+    (d / "test.conll").write_text("c\tO\n\nd\tB-group\n", encoding="utf-8")
+    # a read-only Mapping without images / other_tag / annotations: reading them with [] fails
+    splits = MappingProxyType({"train": "train.conll", "valid": "dev.conll", "test": "test.conll"})
+    ds = MappingProxyType({"kind": "mner", "format": "conll", "dir": "data/wn", "on_bad_line": "raise", "splits": splits})
+    report = prepare_dataset("wn", ds, IMAGES, "data/prepared/wn")
+    out = tmp_path / "data/prepared/wn"
+    samples = pq.read_table(out / "samples.parquet").to_pylist()
+    assert [(s["split"], s["sample_id"], s["image_id"], s["line"]) for s in samples] == [
+        ("train", "train-000000", "", 3), ("train", "train-000001", "", 6),
+        ("valid", "valid-000000", "", 1), ("test", "test-000000", "", 1), ("test", "test-000001", "", 3)]
+    assert samples[1]["tokens"] == ["\u00a0", "Star Wars"] and samples[1]["tags"] == ["O", "B-creative-work"]
+    images = pq.read_table(out / "images.parquet")
+    assert images.num_rows == 0 and images.column_names == ["image_id", "path", "status", "is_fallback"]
+    assert report["has_images"] is False and report["blank_tokens"] == 1
+    assert report["images"]["total"] == 0 and report["images"]["fallbacks"] == 0
+    sentences = {s: report["samples"][s]["sentences"] for s in ("train", "valid", "test")}
+    assert sentences == {"train": 2, "valid": 1, "test": 2}
+    assert report["samples"]["train"]["tweets"] == 2

@@ -1,7 +1,8 @@
-"""Reader for Twitter-2015 / Twitter-2017 / NewsMKG CoNLL files (MNER).
+"""Reader for Twitter-2015 / Twitter-2017 / NewsMKG / plain CoNLL NER files.
 
-Layout: UTF-8 text; each tweet starts with an ``IMGID:<value>`` line, then one
-``token<TAB>tag`` line per token; tweets are separated by blank lines.
+MNER layout (``twitter``, ``newsmkg``): UTF-8 text; each tweet starts with an
+``IMGID:<value>`` line, then one ``token<TAB>tag`` line per token; tweets are separated by
+blank lines.
 
 * ``fmt="twitter"``: the IMGID value is an image id (image file ``<images>/<id>.jpg``).
 * ``fmt="newsmkg"``: the IMGID value is a path relative to the dataset folder (+ ``.jpg``).
@@ -9,18 +10,38 @@ Layout: UTF-8 text; each tweet starts with an ``IMGID:<value>`` line, then one
 The reader returns the IMGID value as ``Sample.image_id`` in both cases; turning it into a
 file path (and refusing escapes) is :func:`pipeline.data.images.image_path`'s job.
 
+* ``fmt="conll"`` (e.g. WNUT-17): text only, no IMGID line and no images. One
+  ``token<TAB>tag`` or ``token<SPACE>tag`` line per token: a line with a tab is split on
+  its one tab, else on its last space character (``rsplit(" ", 1)``, never on other
+  Unicode whitespace; trailing spaces after the tag are ignored). Sentences are separated
+  by empty or whitespace-only lines (WNUT-17's train.conll mostly uses a lone TAB).
+  ``-DOCSTART-`` lines (first field ``-DOCSTART-``) are skipped and end the sentence. An
+  ``IMGID:`` line is just a token line. ``Sample.image_id`` is "" and ``Sample.line`` is
+  the line of the sentence's first token. Tags are ``O`` or ``B-``/``I-`` + any type name
+  ``[A-Za-z][A-Za-z0-9_.-]*`` (types come from the data, e.g. ``creative-work``);
+  ``other_tag`` is ignored (no OTHER/MISC renaming).
+
 Tolerated as data (never errors): no blank line after the last tweet, CRLF line ends, a
-UTF-8 BOM (at the file start or at a line start), several blank lines in a row, a missing
-blank line before the next ``IMGID:``, ``I-`` tags without a preceding ``B-`` (kept
-unchanged: the metric decides; counted in ``counts["stray_i"]``), any Unicode in tokens
-(URLs, @names, emoji, ``&amp``). Lines are split on ``\\n`` only, so characters such as
-U+2028 or U+0085 inside a token stay inside it.
+UTF-8 BOM (at the file start or at a line start; BOMs that are a whole token stay that
+token), several blank lines in a row, a missing blank line before the next ``IMGID:``,
+``I-`` tags without a preceding ``B-`` (kept unchanged: the metric decides; counted in
+``counts["stray_i"]``), any Unicode in tokens (URLs, @names, emoji, ``&amp``). Lines are
+split on ``\\n`` only, so characters such as U+2028 or U+0085 inside a token stay inside it.
+
+Blank tokens (all formats): a token made only of Unicode whitespace and/or zero-width
+characters (a lone U+00A0 in Twitter-2015's valid.txt; U+200B, U+FEFF, ...) is still a
+token with a tag: it is kept unchanged and counted in ``counts["blank_tokens"]``. Only a
+token field with zero characters (a line ``<TAB>O``) is an ``empty_token`` error.
 
 Errors (:class:`ConllFormatError`, naming file and line): bytes that are not UTF-8, a token
-line without exactly one tab, an unknown tag, an empty IMGID, tokens before any IMGID, a
-duplicate IMGID within the file, a tweet with no tokens, an empty token. With
-``on_bad_line="skip"`` the whole offending tweet is skipped instead and listed in
-``ConllResult.skipped`` with its reason and line.
+line without exactly one tab (conll: a line with two or more tabs, or with neither tab nor
+space), an unknown tag, an empty IMGID, tokens before any IMGID, a duplicate IMGID within
+the file, a tweet with no tokens, an empty token. With ``on_bad_line="skip"`` the whole
+offending tweet (or sentence) is skipped instead and listed in ``ConllResult.skipped`` with
+its reason and line.
+
+Counts: ``tweets`` and ``sentences`` (the same number: samples read), ``tokens``,
+``blank_tokens``, ``skipped``, ``skipped_by_reason``, ``stray_i``, ``tags``.
 """
 from __future__ import annotations
 
@@ -33,11 +54,15 @@ from typing import Any
 
 ENTITY_TYPES = ("PER", "LOC", "ORG", "OTHER", "MISC")
 OTHER_ALIASES = ("OTHER", "MISC")
-FORMATS = ("twitter", "newsmkg")
+FORMATS = ("twitter", "newsmkg", "conll")
 ON_BAD_LINE = ("raise", "skip")
 _TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_CONLL_TAG = re.compile(r"^[BI]-[A-Za-z][A-Za-z0-9_.-]*$")
 _IMGID = "IMGID:"
+_DOCSTART = "-DOCSTART-"
 _BOM = "\ufeff"
+# zero-width characters that str.isspace() does not cover (U+00A0, U+2002.. etc. it does)
+_ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u180e")
 
 
 class ConllFormatError(ValueError):
@@ -52,12 +77,12 @@ class ConllFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One tweet: its IMGID value, tokens and BIO tags (OTHER/MISC normalised)."""
+    """One tweet (or conll sentence): its IMGID value ("" for conll), tokens and BIO tags."""
 
     image_id: str
     tokens: list[str]
     tags: list[str]
-    line: int  # 1-based line of the IMGID line
+    line: int  # 1-based line of the IMGID line (conll: of the first token)
 
 
 @dataclass
@@ -82,22 +107,36 @@ def normalise_tag(tag: str, other_tag: str = "MISC") -> str | None:
     return f"{prefix}-{etype}"
 
 
+def conll_tag(tag: str) -> str | None:
+    """``tag`` if it is ``O`` or ``B-``/``I-`` + a type name (fmt="conll"), else None."""
+    return tag if tag == "O" or _CONLL_TAG.match(tag) else None
+
+
+def is_blank_token(token: str) -> bool:
+    """True for a non-empty token made only of Unicode whitespace and/or zero-width characters."""
+    return bool(token) and all(c.isspace() or c in _ZERO_WIDTH for c in token)
+
+
 def _check_args(fmt: str, other_tag: str, on_bad_line: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"CoNLL format must be one of {FORMATS}, got {fmt!r}")
     if on_bad_line not in ON_BAD_LINE:
         raise ValueError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
-    if not isinstance(other_tag, str) or not _TYPE_NAME.match(other_tag):
+    if fmt != "conll" and (not isinstance(other_tag, str) or not _TYPE_NAME.match(other_tag)):
         raise ValueError(f"other_tag must be a type name like 'MISC' (letters, digits, _), got {other_tag!r}")
 
 
-def _lines(data: bytes) -> list[str | UnicodeDecodeError]:
-    """Split raw bytes on LF, drop CR and BOMs; undecodable lines become the error object."""
+def _lines(data: bytes, seps: str = "\t") -> list[str | UnicodeDecodeError]:
+    """Split raw bytes on LF, drop CR and BOMs; undecodable lines become the error object.
+
+    The file's BOM is always dropped; BOMs at a later line start too, unless one of ``seps``
+    follows them (then they are the whole token: a zero-width token, kept).
+    """
     out: list[str | UnicodeDecodeError] = []
     raw_lines = data.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()  # the file ends with a newline
-    for raw in raw_lines:
+    for i, raw in enumerate(raw_lines):
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         try:
@@ -105,8 +144,28 @@ def _lines(data: bytes) -> list[str | UnicodeDecodeError]:
         except UnicodeDecodeError as e:
             out.append(e)
             continue
-        out.append(text.lstrip(_BOM) if text.startswith(_BOM) else text)
+        if i == 0 and text.startswith(_BOM):
+            text = text[1:]  # the file's encoding signature
+        rest = text.lstrip(_BOM)
+        if rest != text and not rest.startswith(tuple(seps)):
+            text = rest
+        out.append(text)
     return out
+
+
+def _split_line(text: str, conll: bool) -> tuple[str, str] | str:
+    """(token, raw tag) of a token line, or why it cannot be split."""
+    if "\t" in text or not conll:
+        parts = text.split("\t")
+        if len(parts) != 2:
+            what = "no tab" if len(parts) == 1 else f"{len(parts) - 1} tabs"
+            return f"expected 'token<TAB>tag', found {what}: {text[:60]!r}"
+        return parts[0], parts[1].strip()
+    text = text.rstrip(" ")
+    if " " not in text:
+        return f"expected 'token<TAB>tag' or 'token<SPACE>tag', found no tab or space: {text[:60]!r}"
+    token, tag = text.rsplit(" ", 1)
+    return token, tag
 
 
 class _Block:
@@ -127,13 +186,15 @@ class _Block:
 
 def read_conll(path: str | os.PathLike, fmt: str = "twitter", other_tag: str = "MISC",
                on_bad_line: str = "raise") -> ConllResult:
-    """Read one split file. See the module docstring for the format, traps and errors.
+    """Read one split file. See the module docstring for the formats, traps and errors.
 
-    ``other_tag``: OTHER and MISC entities are both renamed to this type.
+    ``fmt``: "twitter", "newsmkg" or "conll" (plain CoNLL NER, no IMGID lines, no images).
+    ``other_tag``: OTHER and MISC entities are both renamed to this type (ignored for conll).
     ``on_bad_line``: "raise" (ConllFormatError on the first problem) or "skip" (skip the
-    whole tweet, record ``{"line", "reason", "message"}`` in ``.skipped``).
+    whole tweet or sentence, record ``{"line", "reason", "message"}`` in ``.skipped``).
     """
     _check_args(fmt, other_tag, on_bad_line)
+    conll = fmt == "conll"
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -145,16 +206,16 @@ def read_conll(path: str | os.PathLike, fmt: str = "twitter", other_tag: str = "
     samples: list[Sample] = []
     skipped: list[dict[str, Any]] = []
     seen_ids: dict[str, int] = {}
-    stray_i = 0
+    stray_i = blank_tokens = 0
     tag_counts: Counter = Counter()
 
     def close(block: _Block | None) -> None:
-        nonlocal stray_i
+        nonlocal stray_i, blank_tokens
         if block is None:
             return
-        if block.error is None and block.image_id is not None and not block.tokens:
+        if not conll and block.error is None and block.image_id is not None and not block.tokens:
             block.fail(block.line, "no_tokens", f"tweet IMGID:{block.image_id} has no tokens")
-        if block.error is None and block.image_id is not None and block.image_id in seen_ids:
+        if not conll and block.error is None and block.image_id is not None and block.image_id in seen_ids:
             block.fail(block.line, "duplicate_imgid",
                        f"duplicate IMGID:{block.image_id} (first at line {seen_ids[block.image_id]})")
         if block.error is not None:
@@ -172,45 +233,54 @@ def read_conll(path: str | os.PathLike, fmt: str = "twitter", other_tag: str = "
                 stray_i += 1
             prev = tag
         tag_counts.update(block.tags)
+        blank_tokens += sum(is_blank_token(t) for t in block.tokens)
         samples.append(Sample(block.image_id, block.tokens, block.tags, block.line))
 
     block: _Block | None = None
-    for lineno, text in enumerate(_lines(data), start=1):
+    for lineno, text in enumerate(_lines(data, "\t " if conll else "\t"), start=1):
         if isinstance(text, UnicodeDecodeError):
             if block is None:
-                block = _Block(lineno, None)
+                block = _Block(lineno, "" if conll else None)
             block.fail(lineno, "not_utf8", f"line is not valid UTF-8 ({text.reason} at byte {text.start})")
             continue
         if text.strip() == "":
             close(block)
             block = None
             continue
-        if text.startswith(_IMGID) and "\t" not in text:
-            close(block)
-            value = text[len(_IMGID):].strip()
-            block = _Block(lineno, value)
-            if not value:
-                block.fail(lineno, "empty_imgid", "empty IMGID")
-            elif "\x00" in value:
-                block.fail(lineno, "bad_imgid", "IMGID contains a NUL byte")
+        if conll:
+            if text.startswith(_DOCSTART) and re.split(r"[\t ]", text, maxsplit=1)[0] == _DOCSTART:
+                # a document marker: skipped, and it ends the sentence
+                close(block)
+                block = None
+                continue
+            if block is None:
+                block = _Block(lineno, "")
+        else:
+            if text.startswith(_IMGID) and "\t" not in text:
+                close(block)
+                value = text[len(_IMGID):].strip()
+                block = _Block(lineno, value)
+                if not value:
+                    block.fail(lineno, "empty_imgid", "empty IMGID")
+                elif "\x00" in value:
+                    block.fail(lineno, "bad_imgid", "IMGID contains a NUL byte")
+                continue
+            if block is None:  # tokens before any IMGID (or after a blank line without a new IMGID)
+                block = _Block(lineno, None)
+                block.fail(lineno, "no_imgid", f"token line before any IMGID line: {text[:60]!r}")
+        parts = _split_line(text, conll)
+        if isinstance(parts, str):
+            block.fail(lineno, "bad_line", parts)
             continue
-        if block is None:  # tokens before any IMGID (or after a blank line without a new IMGID)
-            block = _Block(lineno, None)
-            block.fail(lineno, "no_imgid", f"token line before any IMGID line: {text[:60]!r}")
-        parts = text.split("\t")
-        if len(parts) != 2:
-            what = "no tab" if len(parts) == 1 else f"{len(parts) - 1} tabs"
-            block.fail(lineno, "bad_line", f"expected 'token<TAB>tag', found {what}: {text[:60]!r}")
-            continue
-        token, raw_tag = parts[0], parts[1].strip()
-        if token.strip() == "":
+        token, raw_tag = parts
+        if token == "":  # only a zero-length token is empty; whitespace/zero-width ones are blank tokens
             block.fail(lineno, "empty_token", f"empty token (tag {raw_tag!r})")
             continue
-        tag = normalise_tag(raw_tag, other_tag)
+        tag = conll_tag(raw_tag) if conll else normalise_tag(raw_tag, other_tag)
         if tag is None:
-            block.fail(lineno, "unknown_tag",
-                       f"unknown tag {raw_tag!r} for token {token[:40]!r} "
-                       f"(valid: O, B-/I- of {', '.join(ENTITY_TYPES)})")
+            valid = ("O, B-/I- + a type name like 'person' or 'creative-work'" if conll
+                     else f"O, B-/I- of {', '.join(ENTITY_TYPES)}")
+            block.fail(lineno, "unknown_tag", f"unknown tag {raw_tag!r} for token {token[:40]!r} (valid: {valid})")
             continue
         block.tokens.append(token)
         block.tags.append(tag)
@@ -218,8 +288,10 @@ def read_conll(path: str | os.PathLike, fmt: str = "twitter", other_tag: str = "
 
     by_reason = Counter(s["reason"] for s in skipped)
     counts = {
-        "tweets": len(samples),
+        "tweets": len(samples),  # kept for backward compatibility; "sentences" is the same number
+        "sentences": len(samples),
         "tokens": sum(len(s.tokens) for s in samples),
+        "blank_tokens": blank_tokens,
         "skipped": len(skipped),
         "skipped_by_reason": dict(sorted(by_reason.items())),
         "stray_i": stray_i,

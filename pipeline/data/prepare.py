@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.artifacts import fingerprint, package_versions, write_json, write_parquet
+from pipeline.artifacts import fingerprint, package_versions, sha256_file, write_json, write_parquet
 from pipeline.data.agree import read_agree
 from pipeline.data.conll import read_conll
 from pipeline.data.images import ImagePolicy, ImageReport, is_fallback_status, load_image
@@ -44,34 +44,57 @@ def image_rows(refs: Mapping[str, tuple[str | os.PathLike, str]], policy: ImageP
             status, shown = "refused", ""
         else:
             status, shown = load_image(path, policy).status, _display_path(path)
+        # the content hash makes this manifest change whenever an image's bytes change: the
+        # patches and regions stages depend on the manifest, not on the raw image folder
+        digest = sha256_file(path) if shown and Path(path).is_file() else ""
         report.add(image_id, status)
         rows.append({"image_id": image_id, "path": shown, "status": status,
-                     "is_fallback": is_fallback_status(status)})
+                     "is_fallback": is_fallback_status(status), "sha256": digest})
     return rows, report
 
 
 def _provenance(ds_name: str, ds: Mapping, policy: ImagePolicy) -> dict:
-    return {"stage": "prepare", "dataset": ds_name, "params": {"dataset": dict(ds), "images": policy.__dict__},
+    prov = {"stage": "prepare", "dataset": ds_name, "params": {"dataset": _plain(ds), "images": policy.__dict__},
             "packages": package_versions("pyarrow", "pillow")}
+    ann = ds.get("annotations") or ""
+    if ann:  # shipped boxes (regions with detector.source: annotations): their bytes key the manifest too
+        try:
+            path = safe_join(project_path(ds["dir"]), str(ann), what=f"datasets.{ds_name}.annotations")
+        except PathEscapeError:
+            path = None
+        prov["annotations_sha256"] = sha256_file(path) if path is not None and path.is_file() else ""
+    return prov
+
+
+def _plain(m: Any) -> Any:
+    return {k: _plain(v) for k, v in m.items()} if isinstance(m, Mapping) else m
 
 
 def prepare_mner(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> dict:
-    """Read the split files of an MNER dataset and write its manifests under ``out``."""
+    """Read the split files of an MNER dataset and write its manifests under ``out``.
+
+    ``format: conll`` (text only, e.g. WNUT-17) has no images: none are looked for,
+    ``images.parquet`` has zero rows, and ``images`` / ``other_tag`` are not read.
+    """
     root = project_path(ds["dir"])
     fmt = ds["format"]
+    has_images = fmt != "conll"
+    other_tag = ds["other_tag"] if has_images else "MISC"  # conll: not read (the reader ignores it)
     rows, skipped, counts = [], {}, {}
     for split in SPLITS:
         if split not in ds["splits"]:
             raise KeyError(f"params.yaml: datasets.{ds_name}.splits has no {split!r} file")
-        res = read_conll(root / ds["splits"][split], fmt=fmt, other_tag=ds["other_tag"], on_bad_line=ds["on_bad_line"])
+        res = read_conll(root / ds["splits"][split], fmt=fmt, other_tag=other_tag, on_bad_line=ds["on_bad_line"])
         skipped[split] = res.skipped
         counts[split] = res.counts
         for i, s in enumerate(res.samples):
             rows.append({"split": split, "sample_id": f"{split}-{i:06d}", "image_id": s.image_id,
                          "tokens": s.tokens, "tags": s.tags, "line": s.line})
-    # twitter: IMGID is an id under <dir>/<images>; newsmkg: a path relative to <dir> (+ .jpg)
-    base = root / ds["images"] if fmt == "twitter" else root
-    refs = {r["image_id"]: (base, r["image_id"] + ".jpg") for r in rows}
+    refs: dict[str, tuple[Path, str]] = {}
+    if has_images:
+        # twitter: IMGID is an id under <dir>/<images>; newsmkg: a path relative to <dir> (+ .jpg)
+        base = root / ds["images"] if fmt == "twitter" else root
+        refs = {r["image_id"]: (base, r["image_id"] + ".jpg") for r in rows}
     images, img_report = image_rows(refs, policy)
     prov = _provenance(ds_name, ds, policy)
     samples = pa.Table.from_pylist(rows, schema=pa.schema([
@@ -80,7 +103,9 @@ def prepare_mner(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> d
     prov["fingerprint"] = fingerprint(prov["params"], rows)
     write_parquet(samples, out / "samples.parquet", prov)
     _write_images(images, out, prov)
-    return {"dataset": ds_name, "kind": "mner", "samples": {s: counts[s] for s in SPLITS},
+    return {"dataset": ds_name, "kind": "mner", "has_images": has_images,
+            "samples": {s: counts[s] for s in SPLITS},
+            "blank_tokens": sum(counts[s]["blank_tokens"] for s in SPLITS),
             "skipped": skipped, "images": img_report.to_dict()}
 
 
@@ -111,7 +136,8 @@ def prepare_retrieval(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path)
 
 def _write_images(rows: list[dict], out: Path, prov: dict) -> None:
     table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("image_id", pa.string()), ("path", pa.string()), ("status", pa.string()), ("is_fallback", pa.bool_())]))
+        ("image_id", pa.string()), ("path", pa.string()), ("status", pa.string()), ("is_fallback", pa.bool_()),
+        ("sha256", pa.string())]))
     write_parquet(table, out / "images.parquet", {**prov, "fingerprint": fingerprint(prov["fingerprint"], rows)})
 
 
