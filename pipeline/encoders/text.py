@@ -11,6 +11,13 @@ words whose first sub-word fits; the rest are counted as truncated. A word the t
 turns into no sub-word at all (e.g. a lone zero-width space) is encoded as the unknown
 token so that every word keeps its own position; such words are counted too.
 
+Sub-word states for fine-tuning (``text.tune_top: N`` > 0): the hidden states that ENTER the
+encoder's top N layers (``hidden_states[depth - N]``; N = depth is the embedding output) at
+every sub-word position of the sample (special tokens included, padding not), with each kept
+word's first-sub-word position. :class:`EncoderTop` holds those top N layers (loaded from the
+same local model) and, run on the cached states, reproduces the encoder's own output, so the
+training stage can tune them without ever running the lower layers.
+
 Type prompts: ``text.type_prompt`` with ``{mask}`` = the tokenizer's mask token (or
 "[MASK]") and ``{type}`` = a readable type name; the feature is the MEAN over the prompt's
 own sub-tokens (all positions except [CLS]/[SEP]/padding-like special tokens; the mask
@@ -119,6 +126,7 @@ def load_text_encoder(params_text: Mapping[str, Any], device: str = "cpu") -> Te
     if config.model_type in _PREFIX_SPACE_TYPES:
         kw["add_prefix_space"] = True  # needed for pre-split words with byte-level BPE
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    tokenizer.padding_side = "right"  # cached sub-word states are the first n_subwords positions
     if not getattr(tokenizer, "is_fast", False):
         raise TextEncoderError(f"params.yaml: text.model: {spec} has no fast tokenizer (tokenizer.json); "
                                f"word alignment needs one")
@@ -146,6 +154,8 @@ class WordFeatures:
     n_words: list[int]          # words in the sample
     n_kept: list[int]           # words whose first sub-word fit in max_length
     empty_words: list[int]      # words that gave no sub-word and were encoded as the unknown token
+    states: list[np.ndarray] | None = None  # per sample (n_subwords, d): hidden_states[states_layer], no padding
+    first: list[np.ndarray] | None = None   # per sample (n_kept,) int32: first-sub-word position of each kept word
 
     @property
     def truncated(self) -> list[int]:
@@ -177,19 +187,41 @@ def _fix_empty_words(tokenizer: Any, samples: Sequence[Sequence[str]]) -> tuple[
 
 
 @torch.inference_mode()
-def _hidden_states(enc: TextEncoder, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Tokenized batch -> (B, L, n_layers, d) float32 for the configured layers."""
+def _hidden_states(enc: TextEncoder, batch: Mapping[str, torch.Tensor],
+                   states_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokenized batch -> (B, L, n_layers, d) float32 for the configured layers, and
+    (B, L, d) ``hidden_states[states_layer]`` (None when ``states_layer`` is None)."""
     inputs = {k: v.to(enc.device) for k, v in batch.items()}
     out = enc.model(**inputs, output_hidden_states=True)
     hs = out.hidden_states  # n_layers + 1 tensors of (B, L, d)
-    return torch.stack([hs[l] for l in enc.layers], dim=2).float().cpu()
+    states = None if states_layer is None else hs[states_layer].float().cpu()
+    return torch.stack([hs[l] for l in enc.layers], dim=2).float().cpu(), states
+
+
+def tokenize_words(enc: TextEncoder, words: Sequence[Sequence[str]]) -> Any:
+    """Pre-split words -> a padded, truncated fast-tokenizer batch (``word_ids`` available)."""
+    return enc.tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True,
+                         max_length=enc.max_length, padding=True, return_tensors="pt")
+
+
+def first_subwords(batch: Any, b: int) -> list[int]:
+    """Position of each kept word's first sub-word in row ``b`` (words in order, no gaps)."""
+    first: dict[int, int] = {}
+    for pos, w in enumerate(batch.word_ids(b)):
+        if w is not None and w not in first:
+            first[w] = pos
+    if sorted(first) != list(range(len(first))):
+        raise RuntimeError(f"word alignment has gaps ({sorted(first)[:10]}...)")
+    return [first[w] for w in range(len(first))]
 
 
 def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size: int = 32,
-                  progress: str | None = None) -> WordFeatures:
+                  progress: str | None = None, states_layer: int | None = None) -> WordFeatures:
     """Pre-split words per sample -> (n_kept_words, n_layers, d) first-sub-word features each.
 
     Samples are batched by length (fewer pads); the result keeps the input order.
+    ``states_layer``: also keep ``hidden_states[states_layer]`` at every sub-word position and
+    the first-sub-word positions (the input of the top layers for ``text.tune_top``).
     ``progress``: label of a progress bar (samples/s) on stderr; None shows none.
     """
     from tqdm import tqdm
@@ -197,6 +229,8 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
     words, empty_counts = _fix_empty_words(enc.tokenizer, samples)
     n = len(words)
     feats: list[np.ndarray | None] = [None] * n
+    states: list[np.ndarray | None] = [None] * n
+    firsts: list[np.ndarray | None] = [None] * n
     kept = [0] * n
     n_layers, d = len(enc.layers), enc.hidden_size
     order = sorted(range(n), key=lambda i: (len(words[i]), i))
@@ -208,24 +242,26 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
             for i in idx:
                 if not words[i]:
                     feats[i] = np.zeros((0, n_layers, d), np.float32)
+                    states[i], firsts[i] = np.zeros((0, d), np.float32), np.zeros(0, np.int32)
             if not nonempty:
                 continue
-            batch = enc.tokenizer([words[i] for i in nonempty], is_split_into_words=True, truncation=True,
-                                  max_length=enc.max_length, padding=True, return_tensors="pt")
-            hs = _hidden_states(enc, {k: v for k, v in batch.items()})  # (B, L, n_layers, d)
+            batch = tokenize_words(enc, [words[i] for i in nonempty])
+            hs, st = _hidden_states(enc, {k: v for k, v in batch.items()}, states_layer)  # (B, L, n_layers, d)
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
             for b, i in enumerate(nonempty):
-                first: dict[int, int] = {}
-                for pos, w in enumerate(batch.word_ids(b)):
-                    if w is not None and w not in first:
-                        first[w] = pos
-                # words are kept in order: the kept ones are exactly 0 .. n_kept-1
-                n_kept = len(first)
-                if sorted(first) != list(range(n_kept)):
-                    raise RuntimeError(f"sample {i}: word alignment has gaps ({sorted(first)[:10]}...)")
-                kept[i] = n_kept
-                feats[i] = hs[b, [first[w] for w in range(n_kept)]].numpy().astype(np.float32, copy=False)
+                try:
+                    first = first_subwords(batch, b)
+                except RuntimeError as e:
+                    raise RuntimeError(f"sample {i}: {e}") from None
+                kept[i] = len(first)  # words are kept in order: exactly 0 .. n_kept-1
+                feats[i] = hs[b, first].numpy().astype(np.float32, copy=False)
+                if st is not None:
+                    states[i] = st[b, :int(lengths[b])].numpy().astype(np.float32, copy=False)  # (n_sub, d)
+                    firsts[i] = np.asarray(first, dtype=np.int32)
+    keep_states = states_layer is not None
     return WordFeatures(features=[f for f in feats], n_words=[len(w) for w in words], n_kept=kept,
-                        empty_words=empty_counts)
+                        empty_words=empty_counts, states=states if keep_states else None,  # type: ignore[arg-type]
+                        first=firsts if keep_states else None)  # type: ignore[arg-type]
 
 
 def prompt_text(template: str, tag_type: str, mask_token: str) -> str:
@@ -245,7 +281,7 @@ def type_prompt_features(enc: TextEncoder, types: Sequence[str], template: str) 
     mask = enc.tokenizer.mask_token or "[MASK]"
     texts = [prompt_text(template, t, mask) for t in types]
     batch = enc.tokenizer(texts, truncation=True, max_length=enc.max_length, padding=True, return_tensors="pt")
-    hs = _hidden_states(enc, batch)  # (T, L, n_layers, d)
+    hs, _ = _hidden_states(enc, batch)  # (T, L, n_layers, d)
     tok = enc.tokenizer
     boundary = {i for i in (tok.cls_token_id, tok.sep_token_id, tok.bos_token_id, tok.eos_token_id,
                             tok.pad_token_id) if i is not None}
@@ -263,3 +299,81 @@ def prompt_texts(enc: TextEncoder, types: Sequence[str], template: str) -> dict[
     """The prompt text used for each type (for provenance)."""
     mask = enc.tokenizer.mask_token or "[MASK]"
     return {t: prompt_text(template, t, mask) for t in types}
+
+
+# ---- the encoder's top layers, tuned on cached states (text.tune_top) ---------------------------
+
+def encoder_depth(params_text: Mapping[str, Any]) -> int:
+    """Number of transformer layers of the encoder that ``text.model`` names."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_text_model(str(params_text["model"])),
+                                          local_files_only=True).num_hidden_layers)
+
+
+def check_tune_top(value: Any, depth: int, model: str) -> int:
+    """``text.tune_top`` as an int in 0..depth (clear error naming the param otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= depth:
+        raise TextEncoderError(f"params.yaml: text.tune_top: {value!r} must be an integer in 0..{depth} "
+                               f"({model} has {depth} layers; 0 = frozen, {depth} = all layers from the embeddings)")
+    return value
+
+
+class EncoderTop(torch.nn.Module):
+    """The top ``n`` transformer layers of a Hugging Face BERT-style encoder (``encoder.layer``).
+
+    ``forward(states (B, S, d), mask (B, S) bool)`` runs them on the cached input of those layers
+    and returns each layer's output [(B, S, d)] * n; the last one equals the encoder's own
+    ``last_hidden_state`` for the same input. Built from a config dict (``hf_config``), so a
+    checkpoint rebuilds it without the model files; :meth:`from_pretrained` loads the weights.
+    """
+
+    def __init__(self, hf_config: Mapping[str, Any], n: int) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        cfg = dict(hf_config)
+        model_type = cfg.pop("model_type")
+        config = AutoConfig.for_model(model_type, **{**cfg, "num_hidden_layers": int(n)})
+        self.config = config
+        model = AutoModel.from_config(config)
+        layers = getattr(getattr(model, "encoder", None), "layer", None)
+        if not isinstance(layers, torch.nn.ModuleList) or len(layers) != n:
+            raise TextEncoderError(f"params.yaml: text.tune_top: {model_type} models have no `encoder.layer` stack; "
+                                   f"tuning the top layers needs a BERT-style encoder (BERT, RoBERTa, MiniLM, ...)")
+        self.layers = layers
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, n: int) -> "EncoderTop":
+        """The top ``n`` layers with their pretrained weights from the local model at ``path``."""
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        depth = int(config.num_hidden_layers)
+        top = cls(hf_config_dict(config), n)
+        full = AutoModel.from_pretrained(path, local_files_only=True)
+        top.layers.load_state_dict(full.encoder.layer[depth - n:].state_dict())
+        return top
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        # states (B, S, d), mask (B, S) True = a real sub-word
+        attn = create_bidirectional_mask(config=self.config, inputs_embeds=states, attention_mask=mask.long())
+        outs, x = [], states
+        for layer in self.layers:
+            x = layer(x, attn)
+            x = x[0] if isinstance(x, tuple) else x
+            outs.append(x)
+        return outs
+
+
+def hf_config_dict(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a Hugging Face config (``model_type`` included), for checkpoints."""
+    import json
+
+    d = json.loads(config.to_json_string(use_diff=False))
+    d["model_type"] = config.model_type
+    for k in ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        d.pop(k, None)
+    return d

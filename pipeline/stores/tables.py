@@ -191,6 +191,7 @@ class FeatureTable:
 
 WORDS_FILE = "words.parquet"
 TYPE_PROMPTS_FILE = "type_prompts.parquet"
+STATES_FILE = "states.parquet"  # only with text.tune_top > 0
 
 
 def _stage_for(d: Path, name: str) -> str:
@@ -203,14 +204,16 @@ def write_text_features(
     type_prompts: Mapping[str, np.ndarray],
     provenance: Mapping[str, Any],
 ) -> Path:
-    """Write ``dir/words.parquet`` and ``dir/type_prompts.parquet``.
+    """Write ``dir/words.parquet`` and ``dir/type_prompts.parquet`` (and ``dir/states.parquet``).
 
     ``rows``: dicts with ``sample_id``, ``n_words`` (words in the sample), ``feats``
-    (n_kept, n_layers, d) (first sub-word of each kept word) and optionally ``n_kept``.
+    (n_kept, n_layers, d) (first sub-word of each kept word) and optionally ``n_kept``; rows
+    that also hold ``states`` (n_subwords, d) and ``first`` (n_kept,) (the input of the
+    encoder's top layers and each word's first-sub-word position) go to ``states.parquet``.
     ``type_prompts``: entity type -> (n_layers, d).
     """
     d = Path(dir)
-    ids, n_words, n_kept, feats = [], [], [], []
+    ids, n_words, n_kept, feats, states, firsts = [], [], [], [], [], []
     inner: tuple[int, int] | None = None
     for r in rows:
         sid, f = str(r["sample_id"]), np.asarray(r["feats"])
@@ -227,6 +230,16 @@ def write_text_features(
         n_words.append(int(r["n_words"]))
         n_kept.append(kept)
         feats.append(f)
+        if r.get("states") is not None:
+            st, first = np.asarray(r["states"]), np.asarray(r["first"], dtype=np.int32)
+            if st.ndim != 2 or st.shape[1] != f.shape[2] or first.shape != (kept,) or (
+                    kept and (first.min() < 0 or first.max() >= st.shape[0] or np.any(np.diff(first) <= 0))):
+                raise ValueError(f"text features of {sid!r}: states {st.shape} / first {first.shape} do not fit "
+                                 f"{kept} kept words of size {f.shape[2]} (first must rise inside the states)")
+            states.append(st)
+            firsts.append(first)
+    if states and len(states) != len(ids):
+        raise ValueError(f"text features: {len(states)} of {len(ids)} samples have sub-word states; all or none must")
     if len(set(ids)) != len(ids):
         raise ValueError(f"text features: duplicate sample ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     types = [str(t) for t in type_prompts]
@@ -239,6 +252,11 @@ def write_text_features(
                          "n_kept": pa.array(n_kept, pa.int32())},
                         {"feats": feats}, provenance)
     write_feature_table(d / TYPE_PROMPTS_FILE, {"type": pa.array(types, pa.string())}, {"feats": prompts}, provenance)
+    if states:
+        write_feature_table(d / STATES_FILE, {"sample_id": pa.array(ids, pa.string())},
+                            {"states": states, "first": firsts}, provenance)
+    elif (d / STATES_FILE).exists():
+        (d / STATES_FILE).unlink()  # a frozen run must not leave an older run's states behind
     return d
 
 
@@ -258,6 +276,12 @@ class TextFeatures:
                              f"(provenance differs); rerun `dvc repro {stage}`")
         self.provenance: dict = self._words.provenance
         self._n_words = self._words.columns["n_words"]
+        self._states: FeatureTable | None = None
+        if (d / STATES_FILE).is_file():
+            self._states = FeatureTable(d / STATES_FILE, key="sample_id", stage=stage)
+            if self._states.provenance != self.provenance:
+                raise TableError(f"{d}: {STATES_FILE} and {WORDS_FILE} come from different runs "
+                                 f"(provenance differs); rerun `dvc repro {stage}`")
         self.type_prompts: dict[str, np.ndarray] = {
             t: self._types.array("feats", i) for i, t in enumerate(self._types.columns["type"])}
 
@@ -293,6 +317,18 @@ class TextFeatures:
 
     def n_kept(self, sample_id: str) -> int:
         return self._words.shape("feats", self._words.row(sample_id))[0]
+
+    @property
+    def has_states(self) -> bool:
+        """True when the cache holds the sub-word input of the encoder's top layers (``text.tune_top`` > 0)."""
+        return self._states is not None
+
+    def states(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(n_subwords, d) float32 input of the top layers and (n_kept,) first-sub-word positions."""
+        if self._states is None:
+            raise TableError(f"{self.dir}: no {STATES_FILE} (the text stage ran with text.tune_top: 0)")
+        r = self._states.row(sample_id)
+        return self._states.array("states", r), self._states.array("first", r)
 
     @property
     def table(self) -> FeatureTable:
