@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     images_dir = ROOT / ds_params["dir"] / ds_params["images"]
     tcfg = TrainConfig.from_params(params["train"], params["align"])
     clips = args.clip or [params["clip"]["model"], "ViT-B-32"]
-    fusion = dict(params["fusion"], use_image=True, use_patches=True, use_regions=True)
+    fusion = dict(params["fusion"], use_image=True, use_patches=True, use_regions=True, char_dim=0, shape_dim=0)
 
     caches = open_caches(args.dataset, True, True)
     types = sorted(caches.text.types)

@@ -1,6 +1,6 @@
 """DVC stage `evaluate@<dataset>`: score the trained MNER model on valid and test.
 
-Reads no params (everything comes from the checkpoint); writes predictions/<dataset>/*.conll,
+Reads ``evaluate.*`` (threads, batch size; the model itself comes from the checkpoint); writes predictions/<dataset>/*.conll,
 metrics/<dataset>/mner.json, plots/<dataset>/ and reports/<dataset>/evaluate.json.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 import time
 
 from pipeline.artifacts import report_path, write_json
+from pipeline.extract.common import non_negative_int, positive_int
 from pipeline.mner.evaluate import evaluate_on_caches
 from pipeline.params import load_params
 from pipeline.paths import project_path
@@ -18,11 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("dataset", help="an MNER dataset name from params.yaml `datasets`")
     args = ap.parse_args(argv)
-    load_params("evaluate", item=args.dataset)  # declares nothing: any param read would fail loudly
+    p = load_params("evaluate", item=args.dataset)["evaluate"]
     t0 = time.perf_counter()
     ds = args.dataset
     report = evaluate_on_caches(ds, project_path(f"models/{ds}"), project_path(f"predictions/{ds}"),
-                                project_path(f"metrics/{ds}/mner.json"), project_path(f"plots/{ds}"))
+                                project_path(f"metrics/{ds}/mner.json"), project_path(f"plots/{ds}"),
+                                batch_size=positive_int(p["batch_size"], "evaluate.batch_size"),
+                                threads=non_negative_int(p["threads"], "evaluate.threads"))
     for split in ("valid", "test"):
         r = report[split]
         print(f"evaluate@{ds} {split}: P {r['precision']:.4f} R {r['recall']:.4f} F1 {r['f1']:.4f} "

@@ -231,7 +231,7 @@ def test_alignment_loss_counts_only_real_images():
 
 
 def _align_inputs(model: MNERModel, batch: dict):
-    t = model.text(batch["words"], batch["word_mask"])
+    t = model.text(batch, batch["word_mask"])
     v, vm = model.vision(batch)
     return t, batch["word_mask"], v, vm, batch["has_image"]
 

@@ -167,9 +167,10 @@ def _write_project(root, n_train=96, n_valid=32, n_test=32, max_kept=None):
 
 
 FUSION = dict(hidden=32, layers=1, heads=2, slots_per_type=1, text_context="lstm", adaptive="gate",
-              patch_queries=0, dropout=0.0, use_image=True, use_patches=True, use_regions=True)
+              patch_queries=0, dropout=0.0, use_image=True, use_patches=True, use_regions=True,
+              char_dim=0, shape_dim=0)
 TRAIN = dict(seed=3, epochs=4, batch_size=16, lr=3e-3, lr_crf=3e-2, weight_decay=0.01, warmup_ratio=0.1,
-             grad_clip=1.0, patience=4)
+             grad_clip=1.0, patience=4, lr_encoder=1e-4, encoder_warmup_ratio=0.1, threads=1)
 ALIGN = dict(weight=0.1, temperature=0.07, pooling="mean")
 
 

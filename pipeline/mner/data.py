@@ -1,13 +1,15 @@
 """Dataset and collate: one padded MNER batch assembled from the feature caches.
 
 Sources are duck-typed so the model can be trained on plain in-memory data as well:
-  text     ``.get(sample_id) -> (n_kept_words, L, d_t)``, ``.type_prompts -> {type: (L, d_t)}``
+  text     ``.get(sample_id) -> (n_kept_words, L, d_t)``, ``.type_prompts -> {type: (L, d_t)}``,
+           ``.states(sample_id) -> ((n_subwords, d_t), (n_kept_words,))`` (only with ``states=True``)
   patches  ``.get(image_id) -> {"pooled" (D,), "patch_tokens" (P, W), "is_fallback"}`` and ``in``
   regions  ``.get(image_id) -> {"feats" (K, Dr), "boxes" (K, 4), "labels" (K,), "scores" (K,),
             "mask" (K,), "is_fallback"}`` and ``in``
 (``pipeline.stores.tables.TextFeatures`` and ``pipeline.stores.shards.ShardReader``).
 A branch that the model does not use is never read. Words the text encoder cut off are not
-in the batch; :attr:`MNERDataset.n_kept` lets the caller predict them as ``O``.
+in the batch; :attr:`MNERDataset.n_kept` lets the caller predict them as ``O``. Character ids
+and word shapes (``chars=True``) come from the samples' own tokens (:mod:`pipeline.mner.chars`).
 """
 from __future__ import annotations
 
@@ -68,8 +70,10 @@ class MNERDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], text: Any, tag_index: Mapping[str, int], *,
                  patches: Any = None, regions: Any = None,
-                 image_fallback: Mapping[str, bool] | None = None, cache: bool = True) -> None:
+                 image_fallback: Mapping[str, bool] | None = None, cache: bool = True,
+                 chars: bool = False, states: bool = False) -> None:
         self.samples = list(samples)
+        self.chars, self.states = chars, states
         self.text, self.patches, self.regions = text, patches, regions
         self.tag_index = dict(tag_index)
         self.image_fallback = dict(image_fallback or {})
@@ -149,6 +153,18 @@ class MNERDataset(Dataset):
             "words": words,
             "tags": np.asarray([self.tag_index[t] for t in s.tags[:n]], dtype=np.int64),  # (n,)
         }
+        if self.chars:
+            from pipeline.mner.chars import char_ids, shape_ids
+
+            item["chars"] = char_ids(s.tokens[:n])    # (n, C)
+            item["shapes"] = shape_ids(s.tokens[:n])  # (n,)
+        if self.states:
+            states, first = self.text.states(s.sample_id)  # (S, d_t), (n,)
+            if len(first) != n or (n and int(first.max()) >= len(states)):
+                raise ValueError(f"sample {s.sample_id}: sub-word states ({len(states)} positions, {len(first)} "
+                                 f"first sub-words) do not match its {n} cached words; rerun the text stage")
+            item["sub_states"] = np.asarray(states, dtype=np.float32)
+            item["first"] = np.asarray(first, dtype=np.int64)
         self._vision(i, s.image_id, item)
         if self.cache:
             self._items[i] = item
@@ -183,6 +199,24 @@ def collate(items: list[dict[str, Any]], type_prompts: torch.Tensor) -> dict[str
         "has_image": torch.tensor([bool(it["has_image"]) for it in items]),  # (B,)
         "type_prompts": type_prompts,                                      # (T, L, d)
     }
+    if "chars" in items[0]:
+        C = items[0]["chars"].shape[1]
+        batch["chars"] = torch.zeros(B, N, C, dtype=torch.long)  # (B, N, C) 0 = padding
+        batch["shapes"] = torch.zeros(B, N, dtype=torch.long)    # (B, N)
+        for b, it in enumerate(items):
+            n = it["chars"].shape[0]
+            batch["chars"][b, :n] = torch.from_numpy(it["chars"])
+            batch["shapes"][b, :n] = torch.from_numpy(it["shapes"])
+    if "sub_states" in items[0]:
+        S = max(1, max(it["sub_states"].shape[0] for it in items))
+        batch["sub_states"] = torch.zeros(B, S, items[0]["sub_states"].shape[1])  # (B, S, d_t)
+        batch["sub_mask"] = torch.zeros(B, S, dtype=torch.bool)                  # (B, S)
+        batch["first"] = torch.zeros(B, N, dtype=torch.long)                      # (B, N)
+        for b, it in enumerate(items):
+            m, n = it["sub_states"].shape[0], it["first"].shape[0]
+            batch["sub_states"][b, :m] = torch.from_numpy(it["sub_states"])
+            batch["sub_mask"][b, :max(1, m)] = True  # an empty sample keeps one key (never read)
+            batch["first"][b, :n] = torch.from_numpy(it["first"])
     for key in ("pooled", "patches", "region_feats", "region_boxes", "region_labels", "region_scores", "region_mask"):
         if key in items[0]:
             batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
@@ -218,20 +252,31 @@ class Caches:
     samples_path: Path
     image_fallback: dict[str, bool]
 
+    @property
+    def has_images(self) -> bool:
+        """False for a dataset whose prepared image manifest is empty (plain CoNLL text)."""
+        return bool(self.image_fallback)
+
     def samples(self, split: str) -> list[Sample]:
         out = samples_from_table(self.samples_path, split)
         if not out:
             raise ValueError(f"{self.samples_path}: no samples in split {split!r}")
         return out
 
-    def dataset_for(self, split: str, tag_index: Mapping[str, int]) -> MNERDataset:
+    def dataset_for(self, split: str, tag_index: Mapping[str, int], chars: bool = False,
+                    states: bool = False) -> MNERDataset:
         return MNERDataset(self.samples(split), self.text, tag_index, patches=self.patches,
-                           regions=self.regions, image_fallback=self.image_fallback)
+                           regions=self.regions, image_fallback=self.image_fallback, chars=chars, states=states)
 
     def dims(self) -> dict[str, int]:
         """Input sizes for :class:`pipeline.mner.model.MNERConfig` (0 for unused branches)."""
         d = {"d_text": int(self.text.dim), "n_text_layers": int(self.text.n_layers),
              "d_pooled": 0, "d_patch": 0, "d_region": 0, "n_region_labels": 91}
+        prov = self.text.provenance.get("params", {})
+        if prov.get("depth"):  # older caches have no depth: no tuning possible, layers unknown
+            depth = int(prov["depth"])
+            d["depth"] = depth
+            d["text_layers"] = [l if l >= 0 else depth + 1 + l for l in prov["layers"]]
         if self.patches is not None:
             d["d_pooled"] = int(self.patches.datasets["pooled"][0][-1])
             d["d_patch"] = int(self.patches.datasets["patch_tokens"][0][-1])
@@ -257,7 +302,7 @@ class Caches:
 def open_caches(dataset: str, use_patches: bool, use_regions: bool) -> Caches:
     """Open ``features/<dataset>/{text,patches,regions}`` and ``data/prepared/<dataset>``.
 
-    A branch that is switched off is not opened at all.
+    A branch that is switched off, or a dataset without images, opens no image cache at all.
     """
     from pipeline.paths import project_path
     from pipeline.stores.shards import ShardReader
@@ -270,11 +315,13 @@ def open_caches(dataset: str, use_patches: bool, use_regions: bool) -> Caches:
     for p in (samples, images):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: not found; it is written by the `prepare` stage (run `dvc repro prepare@{dataset}`)")
+    fallback = image_fallbacks_from_table(images)
+    has_images = bool(fallback)
     return Caches(
         dataset=dataset,
         text=TextFeatures(feats / "text"),
-        patches=ShardReader(feats / "patches", stage=f"patches@{dataset}") if use_patches else None,
-        regions=ShardReader(feats / "regions", stage=f"regions@{dataset}") if use_regions else None,
+        patches=ShardReader(feats / "patches", stage=f"patches@{dataset}") if use_patches and has_images else None,
+        regions=ShardReader(feats / "regions", stage=f"regions@{dataset}") if use_regions and has_images else None,
         samples_path=samples,
-        image_fallback=image_fallbacks_from_table(images),
+        image_fallback=fallback,
     )

@@ -111,11 +111,13 @@ def plot_f1_per_type(path: Path, per_type: dict[str, dict], title: str) -> None:
 
 def evaluate_on_caches(dataset: str, model_dir: str | Path, pred_dir: str | Path, metrics_path: str | Path,
                        plots_dir: str | Path, splits: Sequence[str] = ("valid", "test"),
-                       batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+                       batch_size: int = 64, progress: bool = True, threads: int = 1) -> dict[str, Any]:
     """Predict ``splits`` with the checkpoint in ``model_dir`` and write every output."""
+    from pipeline.extract.common import setup_torch
     from pipeline.mner.data import make_collate, open_caches, type_prompt_tensor
     from pipeline.mner.train import load_checkpoint, predict
 
+    setup_torch(threads)
     model, meta = load_checkpoint(model_dir)
     cfg = model.cfg
     caches = open_caches(dataset, cfg.uses_patches, cfg.uses_regions)
@@ -131,11 +133,13 @@ def evaluate_on_caches(dataset: str, model_dir: str | Path, pred_dir: str | Path
     pred_dir, plots_dir = Path(pred_dir), Path(plots_dir)
     report: dict[str, Any] = {"model": {"best_epoch": meta.get("best_epoch"), "types": list(cfg.types),
                                         "use_image": cfg.use_image, "use_patches": cfg.use_patches,
-                                        "use_regions": cfg.use_regions}}
+                                        "use_regions": cfg.use_regions, "tune_top": cfg.tune_top,
+                                        "char_dim": cfg.char_dim, "shape_dim": cfg.shape_dim,
+                                        "text_layers": list(cfg.text_layers)}}
     pred_dir.mkdir(parents=True, exist_ok=True)
     plots_dir.mkdir(parents=True, exist_ok=True)
     for split in splits:
-        ds = caches.dataset_for(split, tag_index)
+        ds = caches.dataset_for(split, tag_index, chars=bool(cfg.char_dim or cfg.shape_dim), states=bool(cfg.tune_top))
         preds = predict(model, ds, collate_fn, batch_size, progress=progress)
         samples = ds.samples
         with atomic_path(pred_dir / f"{split}.conll") as tmp:

@@ -7,6 +7,8 @@ position per word, masked by ``word_mask``), never over sub-words or special tok
 
 Batch layout (see :mod:`pipeline.mner.data`):
   words (B, N, L, d_t) float, word_mask (B, N) bool, tags (B, N) long,
+  chars (B, N, C) long, shapes (B, N) long (character features, when on),
+  sub_states (B, S, d_t), sub_mask (B, S) bool, first (B, N) long (``tune_top`` > 0),
   pooled (B, D), patches (B, P, W),
   region_feats (B, K, Dr), region_boxes (B, K, 4) normalised x1y1x2y2, region_labels (B, K) long,
   region_scores (B, K), region_mask (B, K) bool, has_image (B,) bool,
@@ -57,6 +59,12 @@ class MNERConfig:
     use_regions: bool = True
     align_pooling: str = "mean"
     align_temperature: float = 0.07
+    char_dim: int = 0                # character CNN output size (0 = off)
+    shape_dim: int = 0               # word-shape embedding size (0 = off)
+    tune_top: int = 0                # encoder layers tuned on the cached sub-word states (0 = frozen)
+    text_layers: list[int] = field(default_factory=list)  # stored layers as hidden_states indices (0..depth)
+    depth: int = 0                   # encoder layers in all (hidden_states has depth + 1 entries)
+    encoder_config: dict = field(default_factory=dict)  # Hugging Face config of the tuned layers
     tags: list[str] = field(default_factory=list)  # filled from types when empty
 
     def __post_init__(self) -> None:
@@ -76,6 +84,10 @@ class MNERConfig:
             (len(self.types) > 0, "no entity types (the text cache holds no type prompts)"),
             (not self.uses_patches or (self.d_pooled > 0 and self.d_patch > 0), "patch branch on but d_pooled / d_patch unknown"),
             (not self.uses_regions or self.d_region > 0, "region branch on but d_region unknown"),
+            (self.char_dim >= 0 and self.shape_dim >= 0, "fusion.char_dim and fusion.shape_dim must be >= 0"),
+            (self.tune_top == 0 or (0 < self.tune_top <= self.depth and self.encoder_config
+                                    and len(self.text_layers) == self.n_text_layers),
+             f"tune_top {self.tune_top} needs the encoder's config, depth and stored layers"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -93,6 +105,14 @@ class MNERConfig:
     def has_vision(self) -> bool:
         return self.uses_patches or self.uses_regions
 
+    @property
+    def tuned_slots(self) -> dict[int, int]:
+        """Stored-layer slot -> output of the tuned top layers that replaces it."""
+        if not self.tune_top:
+            return {}
+        base = self.depth - self.tune_top  # hidden_states index of the cached input
+        return {j: a - base - 1 for j, a in enumerate(self.text_layers) if a > base}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -100,12 +120,13 @@ class MNERConfig:
     def from_params(cls, fusion: Any, align: Any, **dims: Any) -> "MNERConfig":
         """Build from the ``fusion`` and ``align`` params sections plus data dimensions."""
         keys = ("hidden", "layers", "heads", "slots_per_type", "text_context", "adaptive",
-                "patch_queries", "dropout", "use_image", "use_patches", "use_regions")
+                "patch_queries", "dropout", "use_image", "use_patches", "use_regions", "char_dim", "shape_dim")
         kw = {k: fusion[k] for k in keys}
         kw["align_pooling"] = align["pooling"]
         kw["align_temperature"] = float(align["temperature"])
         kw["dropout"] = float(kw["dropout"])
-        return cls(**kw, **dims)
+        kw.update(dims)  # data dimensions, and what the data forces (use_image False without images)
+        return cls(**kw)
 
 
 def _ensure_one(mask: torch.Tensor) -> torch.Tensor:
@@ -235,13 +256,25 @@ class VisionTokens(nn.Module):
 
 
 class TextStream(nn.Module):
-    """Learned softmax mix over stored layers, projection to h, optional context layer."""
+    """Word features -> (B, N, h): the tuned top encoder layers (``tune_top`` > 0) replace their
+    cached layers, a learned softmax mix over the stored layers, character and word-shape
+    features concatenated, projection to h, optional context layer."""
 
     def __init__(self, cfg: MNERConfig) -> None:
         super().__init__()
+        from pipeline.mner.chars import SHAPES, CharCNN
+
         h = cfg.hidden
+        self.cfg = cfg
         self.layer_logits = nn.Parameter(torch.zeros(cfg.n_text_layers))
-        self.proj = nn.Sequential(nn.Linear(cfg.d_text, h), nn.LayerNorm(h))
+        self.top = None
+        if cfg.tune_top:
+            from pipeline.encoders.text import EncoderTop
+
+            self.top = EncoderTop(cfg.encoder_config, cfg.tune_top)
+        self.chars = CharCNN(cfg.char_dim) if cfg.char_dim else None
+        self.shapes = nn.Embedding(len(SHAPES), cfg.shape_dim, padding_idx=0) if cfg.shape_dim else None
+        self.proj = nn.Sequential(nn.Linear(cfg.d_text + cfg.char_dim + cfg.shape_dim, h), nn.LayerNorm(h))
         self.drop = nn.Dropout(cfg.dropout)
         self.kind = cfg.text_context
         if cfg.text_context == "lstm":
@@ -255,9 +288,25 @@ class TextStream(nn.Module):
         w = torch.softmax(self.layer_logits, dim=0)
         return (feats.float() * w[:, None]).sum(dim=-2)
 
-    def forward(self, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # words (B, N, L, d_t), mask (B, N) -> (B, N, h)
-        x = self.drop(self.proj(self.mix(words)))
+    def layer_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, N, L, d_t): the cached layers, with the tuned layers' outputs at first sub-words."""
+        words = batch["words"].float()
+        if self.top is None:
+            return words
+        outs = self.top(batch["sub_states"].float(), batch["sub_mask"].bool())  # [(B, S, d_t)] * tune_top
+        idx = batch["first"].long()[..., None].expand(-1, -1, words.shape[-1])  # (B, N, d_t)
+        slots = self.cfg.tuned_slots
+        cols = [outs[slots[j]].gather(1, idx) if j in slots else words[:, :, j] for j in range(words.shape[2])]
+        return torch.stack(cols, dim=2)
+
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        # mask (B, N) -> (B, N, h)
+        parts = [self.mix(self.layer_features(batch))]
+        if self.chars is not None:
+            parts.append(self.chars(batch["chars"]))
+        if self.shapes is not None:
+            parts.append(self.shapes(batch["shapes"]))
+        x = self.drop(self.proj(torch.cat(parts, dim=-1)))
         if self.kind == "lstm":
             lengths = mask.sum(dim=1).clamp(min=1).cpu()
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -338,7 +387,7 @@ class MNERModel(nn.Module):
         """Emissions (B, N, n_tags) and the alignment loss (or None)."""
         t_mask = batch["word_mask"].bool()  # (B, N)
         B = t_mask.shape[0]
-        plain = self.text(batch["words"], t_mask)  # (B, N, h)
+        plain = self.text(batch, t_mask)  # (B, N, h)
         v = v_mask = None
         if self.vision is not None:
             v, v_mask = self.vision(batch)  # (B, V, h), (B, V)
@@ -364,11 +413,15 @@ class MNERModel(nn.Module):
         lengths = mask.bool().sum(dim=1).tolist()
         return [p[:n] for p, n in zip(paths, lengths)]
 
-    def param_groups(self, lr: float, lr_crf: float, weight_decay: float) -> list[dict]:
-        """AdamW groups: decayed weights, non-decayed (biases, norms, embeddings offsets), CRF."""
-        crf, decay, no_decay = [], [], []
+    def param_groups(self, lr: float, lr_crf: float, weight_decay: float,
+                     lr_encoder: float | None = None) -> list[dict]:
+        """AdamW groups: decayed weights, non-decayed (biases, norms, embeddings offsets), CRF,
+        and the tuned encoder layers (``lr_encoder``; decayed except biases and LayerNorms)."""
+        crf, decay, no_decay, enc_decay, enc_no_decay = [], [], [], [], []
         for name, p in self.named_parameters():
-            if name.startswith("crf."):
+            if name.startswith("text.top."):
+                (enc_decay if p.ndim >= 2 else enc_no_decay).append(p)
+            elif name.startswith("crf."):
                 crf.append(p)
             elif p.ndim >= 2 and "norm" not in name and not name.endswith(("slot_offset", "null")):
                 decay.append(p)
@@ -378,7 +431,10 @@ class MNERModel(nn.Module):
             {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
             {"params": crf, "lr": lr_crf, "weight_decay": 0.0, "name": "crf"},
-        ]
+        ] + ([] if not (enc_decay or enc_no_decay) else [
+            {"params": enc_decay, "lr": lr_encoder or lr, "weight_decay": weight_decay, "name": "encoder"},
+            {"params": enc_no_decay, "lr": lr_encoder or lr, "weight_decay": 0.0, "name": "encoder_no_decay"},
+        ])
 
 
 def _crf_mask(mask: torch.Tensor) -> torch.Tensor:

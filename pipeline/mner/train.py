@@ -1,7 +1,8 @@
 """Training loop, prediction and checkpoints for the MNER model.
 
 AdamW with per-group learning rates (``lr`` for the network, ``lr_crf`` for the CRF
-transitions), linear warmup then linear decay, gradient clipping, early stopping on valid
+transitions, ``lr_encoder`` with its own warmup for the tuned top encoder layers when
+``text.tune_top`` > 0), linear warmup then linear decay, gradient clipping, early stopping on valid
 entity F1, the best weights kept. A fixed seed gives the same parameters and metrics
 (single process, no data-loader workers). Each epoch logs its loss parts and valid P/R/F1
 to an optional DVCLive ``Live``.
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from pipeline.artifacts import atomic_path, canonical_json
 from pipeline.metrics.ner import entity_scores
 from pipeline.mner.data import MNERDataset
+from pipeline.encoders.text import hf_config_dict
 from pipeline.mner.model import MNERConfig, MNERModel
 
 CHECKPOINT = "model.pt"
@@ -41,12 +43,18 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     patience: int = 6
+    lr_encoder: float = 5e-5
+    encoder_warmup_ratio: float = 0.1
+    threads: int = 1
     align_weight: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "train.epochs must be >= 1"), (self.batch_size >= 1, "train.batch_size must be >= 1"),
-                  (self.lr > 0 and self.lr_crf > 0, "train.lr and train.lr_crf must be > 0"),
-                  (0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+                  (self.lr > 0 and self.lr_crf > 0 and self.lr_encoder > 0,
+                   "train.lr, train.lr_crf and train.lr_encoder must be > 0"),
+                  (0 <= self.warmup_ratio < 1 and 0 <= self.encoder_warmup_ratio < 1,
+                   "train.warmup_ratio and train.encoder_warmup_ratio must be in [0, 1)"),
+                  (self.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
                   (self.patience >= 1, "train.patience must be >= 1"), (self.align_weight >= 0, "align.weight must be >= 0")]
         for ok, msg in checks:
             if not ok:
@@ -55,8 +63,9 @@ class TrainConfig:
     @classmethod
     def from_params(cls, train: Any, align: Any) -> "TrainConfig":
         t = {k: train[k] for k in ("seed", "epochs", "batch_size", "lr", "lr_crf", "weight_decay",
-                                   "warmup_ratio", "grad_clip", "patience")}
-        floats = ("lr", "lr_crf", "weight_decay", "warmup_ratio", "grad_clip")
+                                   "warmup_ratio", "grad_clip", "patience", "lr_encoder", "encoder_warmup_ratio",
+                                   "threads")}
+        floats = ("lr", "lr_crf", "weight_decay", "warmup_ratio", "grad_clip", "lr_encoder", "encoder_warmup_ratio")
         t = {k: (float(v) if k in floats else int(v)) for k, v in t.items()}
         return cls(**t, align_weight=float(align["weight"]))
 
@@ -116,14 +125,25 @@ def evaluate(model: MNERModel, ds: MNERDataset, collate_fn: Callable, batch_size
 
 
 def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds: MNERDataset,
-        collate_fn: Callable, live: Any = None, progress: bool = True) -> FitResult:
-    """Train from a fixed seed; returns the model with its best-valid-F1 weights."""
+        collate_fn: Callable, live: Any = None, progress: bool = True,
+        encoder_state: dict[str, torch.Tensor] | None = None) -> FitResult:
+    """Train from a fixed seed; returns the model with its best-valid-F1 weights.
+
+    ``encoder_state``: pretrained weights of the tuned top encoder layers (``tune_top`` > 0).
+    """
     set_seed(cfg.seed)
     model = MNERModel(model_cfg)
-    opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.lr_crf, cfg.weight_decay))
+    if model.text.top is not None:
+        if encoder_state is None:
+            raise ValueError("tune_top > 0 needs the pretrained weights of the top encoder layers")
+        model.text.top.load_state_dict(encoder_state)
+    groups = model.param_groups(cfg.lr, cfg.lr_crf, cfg.weight_decay, cfg.lr_encoder)
+    opt = torch.optim.AdamW(groups)
     loader = _loader(train_ds, cfg.batch_size, collate_fn, True, cfg.seed)
     total = cfg.epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(total, cfg.warmup_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
+        warmup_linear(total, cfg.encoder_warmup_ratio if g["name"].startswith("encoder") else cfg.warmup_ratio)
+        for g in groups])
     best_f1, best_epoch, best_state, best_valid = -1.0, 0, None, {}
     history: list[dict] = []
     bad_epochs = 0
@@ -214,17 +234,33 @@ def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir
     """Train on ``features/<dataset>`` + ``data/prepared/<dataset>``; write the best checkpoint.
 
     ``fusion``, ``train``, ``align`` are the params sections (Mappings). Curves go to a
-    DVCLive dir ``live_dir`` (metrics.json + plots/metrics/*.tsv), when given.
+    DVCLive dir ``live_dir`` (metrics.json + plots/metrics/*.tsv), when given. A dataset
+    without images trains the text branch only (``counts["image_branches"]`` says so).
     """
+    from pipeline.extract.common import setup_torch
     from pipeline.mner.data import make_collate, open_caches, type_prompt_tensor
 
     tcfg = TrainConfig.from_params(train, align)
+    setup_torch(tcfg.threads)
     use_image = bool(fusion["use_image"])  # a switched-off branch is never opened
     caches = open_caches(dataset, use_image and bool(fusion["use_patches"]), use_image and bool(fusion["use_regions"]))
     types = sorted(caches.text.types)
-    mcfg = MNERConfig.from_params(fusion, align, types=types, **caches.dims())
+    dims = caches.dims()
+    tune_top = int(caches.text.provenance.get("params", {}).get("tune_top", 0) or 0)
+    encoder_state = None
+    if tune_top:
+        top = load_encoder_top(caches.text, tune_top)
+        dims.update(tune_top=tune_top, encoder_config=hf_config_dict(top.config))
+        encoder_state = top.state_dict()
+    if not caches.has_images:
+        dims["use_image"] = False  # recorded in the checkpoint and the metrics: what really ran
+    mcfg = MNERConfig.from_params(fusion, align, types=types, **dims)
+    image_branches = ("on" if mcfg.has_vision else "off: fusion.use_image is false" if caches.has_images
+                      else f"off: dataset {dataset} has no images")
     tag_index = {t: i for i, t in enumerate(mcfg.tags)}
-    train_ds, valid_ds = caches.dataset_for("train", tag_index), caches.dataset_for("valid", tag_index)
+    chars = bool(mcfg.char_dim or mcfg.shape_dim)
+    train_ds = caches.dataset_for("train", tag_index, chars=chars, states=bool(tune_top))
+    valid_ds = caches.dataset_for("valid", tag_index, chars=chars, states=bool(tune_top))
     collate_fn = make_collate(type_prompt_tensor(caches.text.type_prompts, types))
     live = None
     if live_dir is not None:
@@ -232,7 +268,8 @@ def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir
 
         live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
     try:
-        res = fit(mcfg, tcfg, train_ds, valid_ds, collate_fn, live=live, progress=progress)
+        res = fit(mcfg, tcfg, train_ds, valid_ds, collate_fn, live=live, progress=progress,
+                  encoder_state=encoder_state)
         if live is not None:
             live.summary["best_epoch"] = res.best_epoch
             live.summary["best_valid_f1"] = res.best_valid["micro"]["f1"]
@@ -244,8 +281,29 @@ def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir
         "dataset": dataset, "train": asdict(tcfg), "inputs": caches.provenance(),
         "best_epoch": res.best_epoch, "best_valid": res.best_valid["micro"], "history": res.history,
         "counts": {"train_samples": len(train_ds), "valid_samples": len(valid_ds),
-                   "train_truncated_words": n_trunc, "train_image_fallbacks": train_ds.n_image_fallbacks},
+                   "train_truncated_words": n_trunc, "train_image_fallbacks": train_ds.n_image_fallbacks,
+                   "image_branches": image_branches, "tune_top": tune_top,
+                   "parameters": sum(p.numel() for p in res.model.parameters()),
+                   "encoder_parameters": sum(p.numel() for p in res.model.text.top.parameters())
+                   if res.model.text.top is not None else 0},
     }
     save_checkpoint(model_dir, res.model, meta)
     res.counts = meta["counts"]
     return res
+
+
+def load_encoder_top(text: Any, n: int) -> Any:
+    """The pretrained top ``n`` layers of the encoder that built the text cache ``text``.
+
+    The weights must be the ones the cache was made with (same sha256 as its provenance).
+    """
+    from pipeline.artifacts import weights_id
+    from pipeline.encoders.text import EncoderTop, resolve_text_model
+
+    enc = text.provenance.get("encoder", {})
+    path = resolve_text_model(enc["model"])
+    want, have = enc.get("weights", {}).get("sha256"), weights_id(str(path))
+    if want and want != have:
+        raise RuntimeError(f"{text.dir}: the text cache was built with other weights of {enc['model']} "
+                           f"({want[:12]}..., now {have[:12]}... at {path}); rerun the text stage")
+    return EncoderTop.from_pretrained(path, n)
