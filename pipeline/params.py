@@ -4,9 +4,16 @@
 of that stage (substituting ``${item}`` / ``${key}`` for ``foreach`` stages), and returns a
 read-only view of params.yaml restricted to those keys. Reading anything else raises
 :class:`UndeclaredParamError`, so a stage cannot depend on a param that DVC does not track.
+
+Per-dataset values: ``datasets.<name>.overrides`` (a nested mapping such as
+``{detector: {source: annotations}}``) replaces those keys for every stage instance of that
+dataset. DVC tracks them through ``datasets.<name>``, which every per-dataset stage that may
+read an overridden section declares; a key that does not exist in params.yaml, or a section
+read by a per-dataset stage that does not declare ``datasets.<name>``, is refused.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -140,9 +147,68 @@ class Params(Mapping):
         return f"Params({self._prefix or '<root>'}: {json.dumps(self.to_dict(), default=str)[:200]})"
 
 
+OVERRIDES = "overrides"
+
+
+def _leaves(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in tree.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            yield from _leaves(v, path)
+        else:
+            yield path, v
+
+
+def _untracked_sections(root: Path) -> set[str]:
+    """Sections read by a per-dataset stage that does not declare ``datasets.${item}``."""
+    stages = (read_yaml(root / "dvc.yaml") or {}).get("stages", {})
+    out: set[str] = set()
+    for spec in stages.values():
+        if "foreach" not in spec:
+            continue
+        keys = [k for e in spec["do"].get("params", []) or [] for k in (e if isinstance(e, list) else [e])
+                if isinstance(k, str)]
+        if not any(k.startswith("datasets.${") for k in keys):
+            out.update(k.split(".")[0] for k in keys)
+    return out
+
+
+def apply_dataset_overrides(data: Mapping, item: str, root: Path) -> dict:
+    """``data`` with ``datasets.<item>.overrides`` merged in (a new tree; errors name the key)."""
+    ds = (data.get("datasets") or {}).get(item)
+    over = ds.get(OVERRIDES) if isinstance(ds, Mapping) else None
+    if not over:
+        return dict(data)
+    if not isinstance(over, Mapping):
+        raise ParamsError(f"params.yaml: datasets.{item}.{OVERRIDES} must be a mapping like "
+                          f"{{detector: {{source: annotations}}}}, got {over!r}")
+    out = copy.deepcopy(dict(data))
+    untracked = _untracked_sections(root)
+    for path, value in _leaves(over):
+        parts = path.split(".")
+        where = f"params.yaml: datasets.{item}.{OVERRIDES}.{path}"
+        if parts[0] in ("datasets", "mner_datasets", "retrieval_datasets", "image_datasets") or parts[0] in untracked:
+            raise ParamsError(f"{where}: section {parts[0]!r} cannot be set per dataset (a stage that reads it "
+                              f"does not track datasets.{item})")
+        node = out
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, Mapping) else None
+            if not isinstance(node, dict):
+                break
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ParamsError(f"{where}: there is no param {path!r} to override")
+        if isinstance(node[parts[-1]], Mapping):
+            raise ParamsError(f"{where}: {path!r} is a section; override its keys one by one")
+        node[parts[-1]] = value
+    return out
+
+
 def load_params(stage: str, item: str | None = None, root: Path | None = None) -> Params:
-    """Params for one stage (instance ``item`` of a foreach stage), gated by dvc.yaml."""
+    """Params for one stage (instance ``item`` of a foreach stage), gated by dvc.yaml, with the
+    dataset's ``overrides`` applied when the stage declares ``datasets.<item>``."""
     root = root or project_root()
     declared = declared_params(stage, item, root)
     data = read_yaml(root / "params.yaml") or {}
+    if item is not None and f"datasets.{item}" in declared and isinstance(data, Mapping):
+        data = apply_dataset_overrides(data, item, root)
     return Params(data, declared, stage)

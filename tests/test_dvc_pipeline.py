@@ -92,3 +92,18 @@ def test_rerank_change_reruns_only_rerank_and_score(project):
     assert expected == {"rerank@demo_flickr", "score@demo_flickr"}
     out = dvc(proj, "exp", "run", "-S", "rerank.top_k=10")
     assert stages_run(out) == expected, out
+
+
+def test_a_dataset_without_images_runs_no_image_stage(tmp_path):
+    """WNUT-17 (plain CoNLL, no images) added to mner_datasets: no patches/regions stage for it,
+    and its train/evaluate stages depend on no image stage."""
+    proj = copy_project(tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["mner_datasets"] = ["demo_tweets", "wnut17"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = set(dvc(proj, "stage", "list", "--name-only").split())
+    assert {"prepare@wnut17", "text@wnut17", "train@wnut17", "evaluate@wnut17"} <= stages, stages
+    assert not any(s.startswith(("patches@wnut17", "regions@wnut17")) for s in stages), stages
+    assert {"patches@demo_tweets", "regions@demo_tweets"} <= stages  # the image sets still get theirs
+    dag = dvc(proj, "dag", "--dot", "evaluate@wnut17")
+    assert "text@wnut17" in dag and "patches" not in dag and "regions" not in dag, dag

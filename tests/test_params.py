@@ -124,3 +124,66 @@ def test_safe_join_refuses_escapes(tmp_path):
     for bad in ["../secret.jpg", "/etc/passwd", "a/../../secret.jpg", "link.jpg", ""]:
         with pytest.raises(PathEscapeError):
             safe_join(base, bad)
+
+
+# ---- per-dataset values (datasets.<name>.overrides) ---------------------------------------------
+OVERRIDE_DVC = """
+stages:
+  regions:
+    foreach: [a, b]
+    do:
+      cmd: x ${item}
+      params:
+        - datasets.${item}
+        - detector
+  score:
+    foreach: [a, b]
+    do:
+      cmd: y ${item}
+      params: [score]
+"""
+
+
+def _override_root(tmp_path, overrides):
+    import yaml
+
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent(OVERRIDE_DVC))
+    params = {"detector": {"source": "fasterrcnn", "topk": 10}, "score": {"ks": [1, 5]},
+              "datasets": {"a": {"dir": "data/a", "overrides": overrides}, "b": {"dir": "data/b"}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def test_dataset_overrides_apply_to_that_dataset_only(tmp_path):
+    root = _override_root(tmp_path, {"detector": {"source": "annotations"}})
+    assert load_params("regions", item="a", root=root)["detector"]["source"] == "annotations"
+    assert load_params("regions", item="a", root=root)["detector"]["topk"] == 10  # the rest stays global
+    assert load_params("regions", item="b", root=root)["detector"]["source"] == "fasterrcnn"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"detector": {"sorce": "annotations"}}, r"datasets.a.overrides.detector.sorce: there is no param"),
+    ({"score": {"ks": [1]}}, r"section 'score' cannot be set per dataset"),
+    ({"detector": "annotations"}, r"'detector' is a section"),
+    ("annotations", r"must be a mapping"),
+])
+def test_dataset_overrides_refuse_typos_and_untracked_sections(tmp_path, overrides, message):
+    root = _override_root(tmp_path, overrides)
+    with pytest.raises(ParamsError, match=message):
+        load_params("regions", item="a", root=root)
+
+
+def test_repo_overrides_name_real_params():
+    """The committed params.yaml's overrides load for every stage instance of their datasets."""
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for name, ds in params["datasets"].items():
+        if ds.get("overrides"):
+            p = load_params("prepare", item=name, root=repo)
+            assert p["datasets"][name]["dir"] == ds["dir"]
+    assert load_params("regions", item="demo_tweets", root=repo)["detector"]["source"] == "annotations"
+    assert params["detector"]["source"] == "fasterrcnn"

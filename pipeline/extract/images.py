@@ -211,6 +211,9 @@ class ImageStageSetup:
 def _image_setup(dataset: str, params: Mapping[str, Any]) -> ImageStageSetup:
     if dataset not in params["datasets"]:
         raise ExtractError(f"params.yaml: datasets: no dataset named {dataset!r}")
+    if params["datasets"][dataset].get("format") == "conll":
+        raise ExtractError(f"params.yaml: image_datasets: {dataset!r} is a plain CoNLL dataset without images; "
+                           f"remove it from image_datasets (its text stage and training need no image cache)")
     clip = params["clip"]
     return ImageStageSetup(
         dataset=dataset,
