@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,8 @@ def apply_dataset_overrides(data: Mapping, item: str, root: Path) -> dict:
             raise ParamsError(f"{where}: there is no param {path!r} to override")
         if isinstance(node[parts[-1]], Mapping):
             raise ParamsError(f"{where}: {path!r} is a section; override its keys one by one")
+        if value != node[parts[-1]]:
+            out.setdefault("_overridden", {})[path] = (node[parts[-1]], value)
         node[parts[-1]] = value
     return out
 
@@ -211,4 +214,9 @@ def load_params(stage: str, item: str | None = None, root: Path | None = None) -
     data = read_yaml(root / "params.yaml") or {}
     if item is not None and f"datasets.{item}" in declared and isinstance(data, Mapping):
         data = apply_dataset_overrides(data, item, root)
+        sections = {d.split(".")[0] for d in declared}
+        for path, (was, now) in sorted(data.pop("_overridden", {}).items()):
+            if path.split(".")[0] in sections:  # say it: an override beats the global value and `-S`
+                print(f"params: {path} = {now!r} for {item} (datasets.{item}.{OVERRIDES}; global value {was!r})",
+                      file=sys.stderr)
     return Params(data, declared, stage)

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         "best_epoch": res.best_epoch, "epochs_run": len(res.history), "best_valid": res.best_valid["micro"],
         "counts": res.counts, "seconds": {"total": total, "per_epoch": res.epoch_seconds}})
     print(f"train@{args.dataset}: best epoch {res.best_epoch}, valid F1 {res.best_valid['micro']['f1']:.4f}, "
-          f"{len(res.history)} epochs in {total:.1f} s")
+          f"{len(res.history)} epochs in {total:.1f} s; image branches {res.counts['image_branches']}, "
+          f"tuned encoder layers {res.counts['tune_top']}")
     return 0
 
 

@@ -264,11 +264,12 @@ BAD_CONLL = [
     ("a\tO\nb\tB-DATE!\n", 2, "unknown_tag", "B-DATE!"),
     ("a\tO\nb\tperson\n", 2, "unknown_tag", "'person'"),
     ("a O\nb B-\n", 2, "unknown_tag", "'B-'"),
-    ("a\tO\n\nb\tO\tX\n", 3, "bad_line", "2 tabs"),
-    ("a\tO\nnoseparator\n", 2, "bad_line", "no tab or space"),
+    ("a\tO\n\nb\tO\tX\n", 3, "unknown_tag", "'X'"),   # more columns: the last one is the tag
+    ("a\tO\nnoseparator\n", 2, "bad_line", "one field"),
     ("a\tO\n\tB-person\n", 2, "empty_token", "empty token"),
-    ("a\tO\n O\n", 2, "empty_token", "empty token"),
-    ("IMGID:1\na\tO\n", 1, "bad_line", "no tab or space"),
+    ("a\tO\n O\n", 2, "bad_line", "one field"),
+    ("a\tO\n\u00a0\n", 2, "bad_line", "one field"),     # U+00A0 alone is no separator: a token needs a tag
+    ("IMGID:1\na\tO\n", 1, "bad_line", "one field"),
 ]
 
 
@@ -291,7 +292,7 @@ def test_conll_skip_mode_skips_whole_sentences(tmp_path):
         "d\tO\n"
         "\n"
         "-DOCSTART- -X- O\n"
-        "e\tO\tO\n"              # 8: bad line
+        "e\n"                    # 8: bad line
         "\n"
         "f g\tI-group\n"         # 10: good
     )
@@ -352,3 +353,11 @@ def test_real_wnut17_dev_zero_width_tokens_unchanged():
         pytest.skip(f"{path} not present")
     tokens = {t for s in read_conll(path, fmt="conll").samples for t in s.tokens}
     assert "watched\u200bwas" in tokens and "Dubbz\ufeff" in tokens  # zero-width chars inside tokens stay
+
+
+def test_conll_2003_columns_first_is_token_last_is_tag(tmp_path):
+    text = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP B-MISC\n\n" \
+           "Peter\tNNP\tB-NP\tB-PER\n"
+    r = read_conll(write(tmp_path, text, "c.conll"), fmt="conll")
+    assert [(s.tokens, s.tags) for s in r.samples] == [
+        (["EU", "rejects", "German"], ["B-ORG", "O", "B-MISC"]), (["Peter"], ["B-PER"])]

@@ -187,3 +187,12 @@ def test_repo_overrides_name_real_params():
             assert p["datasets"][name]["dir"] == ds["dir"]
     assert load_params("regions", item="demo_tweets", root=repo)["detector"]["source"] == "annotations"
     assert params["detector"]["source"] == "fasterrcnn"
+
+
+def test_an_override_is_announced_on_stderr(tmp_path, capsys):
+    root = _override_root(tmp_path, {"detector": {"source": "annotations"}})
+    load_params("regions", item="a", root=root)
+    err = capsys.readouterr().err
+    assert "detector.source = 'annotations' for a" in err and "global value 'fasterrcnn'" in err
+    load_params("regions", item="b", root=root)
+    assert capsys.readouterr().err == ""

@@ -61,6 +61,33 @@ def test_prepare_is_deterministic(mner_dir):
         assert (root / "a" / name).read_bytes() == (root / "b" / name).read_bytes(), name
 
 
+def test_a_changed_image_changes_the_manifest(mner_dir):
+    """The image stages depend on images.parquet, not on the raw folder: its sha256 column must
+    follow each image's bytes (hashlib over the file, worked out here independently)."""
+    import hashlib
+
+    root, ds = mner_dir
+    prepare_dataset("tw", ds, IMAGES, "a")
+    rows = {r["image_id"]: r for r in pq.read_table(root / "a/images.parquet").to_pylist()}
+    img1 = root / "data/tw/images/1.jpg"
+    assert rows["1"]["sha256"] == hashlib.sha256(img1.read_bytes()).hexdigest()
+    assert rows["4"]["sha256"] == "" and rows["../../secret"]["sha256"] == ""  # missing, refused
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(img1)  # same size and status, other pixels
+    prepare_dataset("tw", ds, IMAGES, "b")
+    after = {r["image_id"]: r for r in pq.read_table(root / "b/images.parquet").to_pylist()}
+    assert after["1"]["status"] == rows["1"]["status"] and after["1"]["sha256"] != rows["1"]["sha256"]
+    assert after["2"]["sha256"] == rows["2"]["sha256"]
+    assert (root / "a/images.parquet").read_bytes() != (root / "b/images.parquet").read_bytes()
+
+
+def test_overrides_stay_out_of_the_prepared_manifests(mner_dir):
+    root, ds = mner_dir
+    prepare_dataset("tw", ds, IMAGES, "a")
+    prepare_dataset("tw", {**ds, "overrides": {"train": {"epochs": 3}}}, IMAGES, "b")
+    for name in ("samples.parquet", "images.parquet"):
+        assert (root / "a" / name).read_bytes() == (root / "b" / name).read_bytes(), name
+
+
 def test_prepare_retrieval_manifests(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
     d = tmp_path / "fl"
@@ -151,9 +178,21 @@ def test_prepare_conll_has_no_images(tmp_path, monkeypatch):
         ("valid", "valid-000000", "", 1), ("test", "test-000000", "", 1), ("test", "test-000001", "", 3)]
     assert samples[1]["tokens"] == ["\u00a0", "Star Wars"] and samples[1]["tags"] == ["O", "B-creative-work"]
     images = pq.read_table(out / "images.parquet")
-    assert images.num_rows == 0 and images.column_names == ["image_id", "path", "status", "is_fallback"]
+    assert images.num_rows == 0 and images.column_names == ["image_id", "path", "status", "is_fallback", "sha256"]
     assert report["has_images"] is False and report["blank_tokens"] == 1
     assert report["images"]["total"] == 0 and report["images"]["fallbacks"] == 0
     sentences = {s: report["samples"][s]["sentences"] for s in ("train", "valid", "test")}
     assert sentences == {"train": 2, "valid": 1, "test": 2}
     assert report["samples"]["train"]["tweets"] == 2
+
+
+def test_shipped_boxes_key_the_image_manifest(mner_dir):
+    root, ds = mner_dir
+    boxes = root / "data/tw/boxes.jsonl"
+    boxes.write_text('{"image_id": "1", "boxes": []}\n')
+    ds = {**ds, "annotations": "boxes.jsonl"}
+    prepare_dataset("tw", ds, IMAGES, "a")
+    boxes.write_text('{"image_id": "1", "boxes": [[0, 0, 1, 1]]}\n')
+    prepare_dataset("tw", ds, IMAGES, "b")
+    pa_, pb = (read_parquet_provenance(root / d / "images.parquet") for d in ("a", "b"))
+    assert pa_["annotations_sha256"] and pa_["annotations_sha256"] != pb["annotations_sha256"]

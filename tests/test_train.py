@@ -281,3 +281,27 @@ def test_committed_params_ignore_workspace_edits(tmp_path):
         subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
     (tmp_path / "params.yaml").write_text("fusion:\n  layers: 1\n")  # what a previous exp run left behind
     assert ablations.committed_params(tmp_path) == {"fusion.layers": 2}
+
+
+def test_encoder_layers_warm_up_on_their_own_schedule():
+    """Hand-worked factors: 20 steps; encoder warmup 0.5 -> 10 steps, the rest 0.1 -> 2 steps."""
+    from pipeline.mner.model import MNERModel
+    from pipeline.mner.train import optimizer_and_schedule
+
+    bert = {"model_type": "bert", "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
+            "vocab_size": 10, "max_position_embeddings": 16}
+    cfg = _cfg(use_image=False, tune_top=1, depth=2, text_layers=[1, 2], encoder_config=bert)
+    model = MNERModel(cfg)
+    tcfg = TrainConfig(lr=1e-3, lr_crf=1e-2, lr_encoder=1e-4, warmup_ratio=0.1, encoder_warmup_ratio=0.5)
+    opt, sched = optimizer_and_schedule(model, tcfg, 20)
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["decay", "no_decay", "crf", "encoder", "encoder_no_decay"]
+    enc = {n for n, _ in model.named_parameters() if n.startswith("text.top.")}
+    assert enc and sum(len(g["params"]) for g in opt.param_groups if g["name"].startswith("encoder")) == len(enc)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    lr = dict(zip(names, sched.get_last_lr()))
+    assert lr["encoder"] == pytest.approx(1e-4 * 5 / 10)       # still warming up: step 4 -> (4+1)/10
+    assert lr["decay"] == pytest.approx(1e-3 * (20 - 4) / 18)  # decaying since step 2: (20-4)/(20-2)
+    assert lr["crf"] == pytest.approx(1e-2 * (20 - 4) / 18)

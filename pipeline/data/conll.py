@@ -12,9 +12,10 @@ file path (and refusing escapes) is :func:`pipeline.data.images.image_path`'s jo
 
 * ``fmt="conll"`` (e.g. WNUT-17): text only, no IMGID line and no images. One
   ``token<TAB>tag`` or ``token<SPACE>tag`` line per token: a line with a tab is split on
-  its one tab, else on its last space character (``rsplit(" ", 1)``, never on other
-  Unicode whitespace; trailing spaces after the tag are ignored). Sentences are separated
-  by empty or whitespace-only lines (WNUT-17's train.conll mostly uses a lone TAB).
+  tabs, else on ASCII spaces (never on other Unicode whitespace, so a U+00A0 token stays a
+  token); more than two fields are CoNLL-2003 columns (``EU NNP B-NP B-ORG``): the first
+  is the token, the last the tag. Sentences are separated by empty lines or lines of ASCII
+  whitespace only (WNUT-17's train.conll mostly uses a lone TAB).
   ``-DOCSTART-`` lines (first field ``-DOCSTART-``) are skipped and end the sentence. An
   ``IMGID:`` line is just a token line. ``Sample.image_id`` is "" and ``Sample.line`` is
   the line of the sentence's first token. Tags are ``O`` or ``B-``/``I-`` + any type name
@@ -154,18 +155,33 @@ def _lines(data: bytes, seps: str = "\t") -> list[str | UnicodeDecodeError]:
 
 
 def _split_line(text: str, conll: bool) -> tuple[str, str] | str:
-    """(token, raw tag) of a token line, or why it cannot be split."""
-    if "\t" in text or not conll:
+    """(token, raw tag) of a token line, or why it cannot be split.
+
+    twitter/newsmkg: exactly ``token<TAB>tag``. conll: fields split on TAB when the line has
+    one, else on ASCII spaces; two fields are token and tag, more are CoNLL-2003 columns
+    (``EU NNP B-NP B-ORG``): the first is the token, the last the tag.
+    """
+    if not conll:
         parts = text.split("\t")
         if len(parts) != 2:
             what = "no tab" if len(parts) == 1 else f"{len(parts) - 1} tabs"
             return f"expected 'token<TAB>tag', found {what}: {text[:60]!r}"
         return parts[0], parts[1].strip()
-    text = text.rstrip(" ")
-    if " " not in text:
-        return f"expected 'token<TAB>tag' or 'token<SPACE>tag', found no tab or space: {text[:60]!r}"
-    token, tag = text.rsplit(" ", 1)
-    return token, tag
+    if "\t" in text:
+        parts = text.rstrip("\t ").split("\t")
+    else:
+        parts = [f for f in text.split(" ") if f != ""]
+    if len(parts) < 2:
+        return f"expected 'token<TAB>tag' or 'token<SPACE>tag', found one field: {text[:60]!r}"
+    return parts[0], parts[-1].strip()
+
+
+def _is_separator(text: str) -> bool:
+    """An empty line or one of ASCII whitespace only (a lone TAB in WNUT-17's train file).
+
+    A line holding other whitespace (U+00A0 ...) is a token line: a blank token needs its tag.
+    """
+    return text.strip(" \t\r\n\f\v") == ""
 
 
 class _Block:
@@ -243,7 +259,7 @@ def read_conll(path: str | os.PathLike, fmt: str = "twitter", other_tag: str = "
                 block = _Block(lineno, "" if conll else None)
             block.fail(lineno, "not_utf8", f"line is not valid UTF-8 ({text.reason} at byte {text.start})")
             continue
-        if text.strip() == "":
+        if _is_separator(text):
             close(block)
             block = None
             continue

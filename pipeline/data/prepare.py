@@ -54,7 +54,9 @@ def image_rows(refs: Mapping[str, tuple[str | os.PathLike, str]], policy: ImageP
 
 
 def _provenance(ds_name: str, ds: Mapping, policy: ImagePolicy) -> dict:
-    prov = {"stage": "prepare", "dataset": ds_name, "params": {"dataset": _plain(ds), "images": policy.__dict__},
+    # the dataset's overrides belong to other stages: left out, so changing one keeps these bytes
+    dataset = {k: v for k, v in _plain(ds).items() if k != "overrides"}
+    prov = {"stage": "prepare", "dataset": ds_name, "params": {"dataset": dataset, "images": policy.__dict__},
             "packages": package_versions("pyarrow", "pillow")}
     ann = ds.get("annotations") or ""
     if ann:  # shipped boxes (regions with detector.source: annotations): their bytes key the manifest too

@@ -51,6 +51,10 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
     depth = int(enc.model.config.num_hidden_layers)
     tune_top = check_tune_top(p["tune_top"], depth, str(p["model"]))
     states_layer = depth - tune_top if tune_top else None
+    absolute = [l if l >= 0 else depth + 1 + l for l in enc.layers]
+    if tune_top and not any(a > depth - tune_top for a in absolute):
+        raise ExtractError(f"params.yaml: text.tune_top: {tune_top} tunes the top {tune_top} layer(s), but "
+                           f"text.layers {enc.layers} stores none of their outputs; add -1 to text.layers")
     t1 = time.perf_counter()
     wf = word_features(enc, [s["tokens"] for s in samples], batch_size=batch_size, progress=f"text {dataset}",
                        states_layer=states_layer)

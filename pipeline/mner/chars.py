@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.conll import is_blank_token
+
 MAX_CHARS = 24
 CHAR_VOCAB = 2048
 SHAPES = ("pad", "url", "mention", "hashtag", "number", "all_caps", "capitalised", "lower", "mixed",
           "symbol", "blank")
 _URL = re.compile(r"^(https?://|www\.)", re.IGNORECASE)
-_ZERO_WIDTH = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"}
 
 
 def char_id(c: str) -> int:
@@ -44,7 +45,7 @@ def char_ids(words: Sequence[str]) -> np.ndarray:
 
 def word_shape(w: str) -> str:
     """The word's shape class (see :data:`SHAPES`)."""
-    if not w or all(c.isspace() or c in _ZERO_WIDTH for c in w):
+    if not w or is_blank_token(w):
         return "blank"
     if _URL.match(w):
         return "url"

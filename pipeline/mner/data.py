@@ -317,6 +317,12 @@ def open_caches(dataset: str, use_patches: bool, use_regions: bool) -> Caches:
             raise FileNotFoundError(f"{p}: not found; it is written by the `prepare` stage (run `dvc repro prepare@{dataset}`)")
     fallback = image_fallbacks_from_table(images)
     has_images = bool(fallback)
+    for branch, used in (("patches", use_patches), ("regions", use_regions)):
+        if used and has_images and not (feats / branch).is_dir():
+            raise FileNotFoundError(
+                f"{feats / branch}: not found, but {dataset} has images and fusion.use_image is on: list "
+                f"{dataset} in image_datasets in params.yaml (its {branch} stage runs only for those), "
+                f"or set fusion.use_image: false")
     return Caches(
         dataset=dataset,
         text=TextFeatures(feats / "text"),

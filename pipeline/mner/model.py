@@ -88,6 +88,9 @@ class MNERConfig:
             (self.tune_top == 0 or (0 < self.tune_top <= self.depth and self.encoder_config
                                     and len(self.text_layers) == self.n_text_layers),
              f"tune_top {self.tune_top} needs the encoder's config, depth and stored layers"),
+            (self.tune_top == 0 or bool(self.tuned_slots),
+             f"text.tune_top: {self.tune_top} tunes hidden_states {self.depth - self.tune_top + 1}..{self.depth}, "
+             f"but text.layers stores none of them ({self.text_layers}); add -1 to text.layers"),
         ]
         for ok, msg in checks:
             if not ok:

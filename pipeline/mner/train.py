@@ -97,6 +97,17 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
     return f
 
 
+def optimizer_and_schedule(model: MNERModel, cfg: TrainConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over the model's groups; each group warms up and decays linearly, the tuned
+    encoder layers with ``encoder_warmup_ratio``, the rest with ``warmup_ratio``."""
+    groups = model.param_groups(cfg.lr, cfg.lr_crf, cfg.weight_decay, cfg.lr_encoder)
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
+        warmup_linear(total_steps, cfg.encoder_warmup_ratio if g["name"].startswith("encoder") else cfg.warmup_ratio)
+        for g in groups])
+    return opt, sched
+
+
 def _loader(ds: MNERDataset, batch_size: int, collate_fn: Callable, shuffle: bool, seed: int = 0) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
@@ -137,13 +148,8 @@ def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds
         if encoder_state is None:
             raise ValueError("tune_top > 0 needs the pretrained weights of the top encoder layers")
         model.text.top.load_state_dict(encoder_state)
-    groups = model.param_groups(cfg.lr, cfg.lr_crf, cfg.weight_decay, cfg.lr_encoder)
-    opt = torch.optim.AdamW(groups)
     loader = _loader(train_ds, cfg.batch_size, collate_fn, True, cfg.seed)
-    total = cfg.epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
-        warmup_linear(total, cfg.encoder_warmup_ratio if g["name"].startswith("encoder") else cfg.warmup_ratio)
-        for g in groups])
+    opt, sched = optimizer_and_schedule(model, cfg, cfg.epochs * len(loader))
     best_f1, best_epoch, best_state, best_valid = -1.0, 0, None, {}
     history: list[dict] = []
     bad_epochs = 0
