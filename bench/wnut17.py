@@ -1,6 +1,7 @@
 """WNUT-17 ablation: real text, the pipeline's own stages, mean ± sd over seeds.
 
     python -m bench.wnut17 --out reports/wnut17_ablation.md [--seeds 1 2 3] [--jobs 2] [--rows ...]
+    python -m bench.wnut17 --speed [--steps 20 --rounds 3]   # step times, rows interleaved
 
 Each row is a set of param overrides on top of the committed params.yaml. Every text
 configuration gets its own scratch project (prepare + text stage, run once); every
@@ -127,6 +128,49 @@ def train_eval(work: Path, name: str, overrides: dict, seed: int, epochs: int | 
             "s_per_epoch": statistics.median(per_epoch), "best_epoch": tr["best_epoch"], "epochs": len(per_epoch)}
 
 
+def speed(work: Path, rows: list[str], steps: int, rounds: int) -> str:
+    """Training-step time of each row on the same batches, rows interleaved in every round
+    (one process, one thread), so the ratios hold under a noisy neighbour. Needs the text caches."""
+    import numpy as np
+    import torch
+
+    from pipeline.mner.model import MNERModel
+    from pipeline.mner.train import optimizer_and_schedule, set_seed, train_step, training_setup
+
+    prepared = {}
+    for r in rows:
+        os.environ["PIPELINE_ROOT"] = str(build_text(work, ROWS[r]))
+        p = params_for(ROWS[r], 1, None)
+        st = training_setup(DATASET, p["fusion"], p["train"], p["align"])
+        set_seed(1)
+        model = MNERModel(st.model_cfg)
+        if model.text.top is not None:
+            model.text.top.load_state_dict(st.encoder_state)
+        model.train()
+        opt, sched = optimizer_and_schedule(model, st.train_cfg, 10 ** 6)
+        bs = st.train_cfg.batch_size
+        order = np.random.default_rng(0).permutation(len(st.train_ds))[:steps * bs].tolist()
+        batches = [st.collate_fn([st.train_ds[i] for i in order[k * bs:(k + 1) * bs]]) for k in range(steps)]
+        train_step(model, batches[0], opt, sched, st.train_cfg)  # warm-up
+        prepared[r] = (model, opt, sched, st.train_cfg, batches, -(-len(st.train_ds) // bs))
+    times: dict[str, list[float]] = {r: [] for r in rows}
+    for _ in range(rounds):
+        for r in rows:
+            model, opt, sched, cfg, batches, _ = prepared[r]
+            t0 = time.perf_counter()
+            for b in batches:
+                train_step(model, b, opt, sched, cfg)
+            times[r].append((time.perf_counter() - t0) / len(batches))
+    ref = statistics.median(times[rows[-1]])
+    lines = [f"Training steps on the same {steps} batches, rows interleaved, {rounds} rounds, "
+             f"{torch.get_num_threads()} thread(s); s/epoch = median step x steps per epoch (no dev pass).", "",
+             f"| setting | s / step | train s / epoch | vs {rows[-1]} |", "|---|---|---|---|"]
+    for r in rows:
+        m = statistics.median(times[r])
+        lines.append(f"| {r} | {m:.3f} | {m * prepared[r][5]:.1f} | {m / ref:.2f} |")
+    return "\n".join(lines)
+
+
 def stat(xs: list[float]) -> str:
     xs = [100 * x for x in xs]
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
@@ -152,11 +196,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs for every run")
     ap.add_argument("--work", type=Path, default=Path("/tmp/wnut17-bench"))
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table and the raw runs here")
+    ap.add_argument("--speed", action="store_true",
+                    help="only time training steps of the rows, interleaved in one process (last row = reference)")
+    ap.add_argument("--steps", type=int, default=20, help="--speed: batches per round")
+    ap.add_argument("--rounds", type=int, default=3, help="--speed: rounds")
     args = ap.parse_args()
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; have {list(ROWS)}")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        md = speed(args.work, args.rows, args.steps, args.rounds)
+        print(md)
+        if args.out:
+            args.out.write_text(md + "\n")
+        return
     # text caches first (one per configuration), then the runs, most expensive first
     keys = {text_key(ROWS[r]): ROWS[r] for r in args.rows}
     with ThreadPoolExecutor(args.jobs) as ex:

@@ -135,6 +135,23 @@ def evaluate(model: MNERModel, ds: MNERDataset, collate_fn: Callable, batch_size
     return entity_scores([s.tags for s in ds.samples], pred), pred
 
 
+def train_step(model: MNERModel, batch: dict, opt: Any, sched: Any, cfg: TrainConfig) -> dict:
+    """One optimisation step; returns the loss parts as floats (``align`` None when unused)."""
+    out = model(batch)
+    crf = model.crf_nll(out["emissions"], batch["tags"], batch["word_mask"])
+    loss, align = crf, None
+    if out["align"] is not None and cfg.align_weight > 0:
+        loss = loss + cfg.align_weight * out["align"]
+        align = out["align"].item()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return {"crf": crf.item(), "loss": loss.item(), "align": align}
+
+
 def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds: MNERDataset,
         collate_fn: Callable, live: Any = None, progress: bool = True,
         encoder_state: dict[str, torch.Tensor] | None = None) -> FitResult:
@@ -161,23 +178,14 @@ def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds
         n_batches = n_align = 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
         for batch in bar:
-            out = model(batch)
-            crf = model.crf_nll(out["emissions"], batch["tags"], batch["word_mask"])
-            loss = crf
-            if out["align"] is not None and cfg.align_weight > 0:
-                loss = loss + cfg.align_weight * out["align"]
-                sums["align"] += out["align"].item()
+            parts = train_step(model, batch, opt, sched, cfg)
+            if parts["align"] is not None:
+                sums["align"] += parts["align"]
                 n_align += 1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            sums["crf"] += crf.item()
-            sums["loss"] += loss.item()
+            sums["crf"] += parts["crf"]
+            sums["loss"] += parts["loss"]
             n_batches += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
         scores, _ = evaluate(model, valid_ds, collate_fn)
         m = scores["micro"]
         row = {"epoch": epoch, "loss": sums["loss"] / max(1, n_batches), "loss_crf": sums["crf"] / max(1, n_batches),
@@ -235,14 +243,22 @@ def train_config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
 
 
-def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir: str | Path,
-                    live_dir: str | Path | None = None, progress: bool = True) -> FitResult:
-    """Train on ``features/<dataset>`` + ``data/prepared/<dataset>``; write the best checkpoint.
+@dataclass
+class TrainingSetup:
+    """Everything a training run on the caches needs, built the one way (stage and benchmarks)."""
 
-    ``fusion``, ``train``, ``align`` are the params sections (Mappings). Curves go to a
-    DVCLive dir ``live_dir`` (metrics.json + plots/metrics/*.tsv), when given. A dataset
-    without images trains the text branch only (``counts["image_branches"]`` says so).
-    """
+    model_cfg: MNERConfig
+    train_cfg: TrainConfig
+    train_ds: MNERDataset
+    valid_ds: MNERDataset
+    collate_fn: Callable
+    encoder_state: dict | None
+    caches: Any
+    image_branches: str
+
+
+def training_setup(dataset: str, fusion: Any, train: Any, align: Any) -> TrainingSetup:
+    """Open the caches of ``dataset`` and build the model config, datasets and encoder weights."""
     from pipeline.extract.common import setup_torch
     from pipeline.mner.data import make_collate, open_caches, type_prompt_tensor
 
@@ -268,6 +284,20 @@ def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir
     train_ds = caches.dataset_for("train", tag_index, chars=chars, states=bool(tune_top))
     valid_ds = caches.dataset_for("valid", tag_index, chars=chars, states=bool(tune_top))
     collate_fn = make_collate(type_prompt_tensor(caches.text.type_prompts, types))
+    return TrainingSetup(mcfg, tcfg, train_ds, valid_ds, collate_fn, encoder_state, caches, image_branches)
+
+
+def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir: str | Path,
+                    live_dir: str | Path | None = None, progress: bool = True) -> FitResult:
+    """Train on ``features/<dataset>`` + ``data/prepared/<dataset>``; write the best checkpoint.
+
+    ``fusion``, ``train``, ``align`` are the params sections (Mappings). Curves go to a
+    DVCLive dir ``live_dir`` (metrics.json + plots/metrics/*.tsv), when given. A dataset
+    without images trains the text branch only (``counts["image_branches"]`` says so).
+    """
+    setup = training_setup(dataset, fusion, train, align)
+    mcfg, tcfg, train_ds, valid_ds = setup.model_cfg, setup.train_cfg, setup.train_ds, setup.valid_ds
+    collate_fn, encoder_state, caches = setup.collate_fn, setup.encoder_state, setup.caches
     live = None
     if live_dir is not None:
         from dvclive import Live
@@ -288,7 +318,7 @@ def train_on_caches(dataset: str, fusion: Any, train: Any, align: Any, model_dir
         "best_epoch": res.best_epoch, "best_valid": res.best_valid["micro"], "history": res.history,
         "counts": {"train_samples": len(train_ds), "valid_samples": len(valid_ds),
                    "train_truncated_words": n_trunc, "train_image_fallbacks": train_ds.n_image_fallbacks,
-                   "image_branches": image_branches, "tune_top": tune_top,
+                   "image_branches": setup.image_branches, "tune_top": mcfg.tune_top,
                    "parameters": sum(p.numel() for p in res.model.parameters()),
                    "encoder_parameters": sum(p.numel() for p in res.model.text.top.parameters())
                    if res.model.text.top is not None else 0},
