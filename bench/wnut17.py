@@ -42,6 +42,11 @@ ROWS: dict[str, dict] = {
     "full fine-tuning (tune_top 6)": {"text.layers": [-4, -3, -2, -1], "text.tune_top": 6,
                                       "fusion.char_dim": 50, "fusion.shape_dim": 16},
 }
+TABLE_ROWS = list(ROWS)
+# learning-rate choices for the tuned layers, picked on dev (python -m bench.wnut17 --rows ...)
+for _n in (1, 2):
+    for _lr in (3e-4, 1e-3):
+        ROWS[f"+ tune_top {_n}, lr_encoder {_lr:g}"] = {**ROWS[f"+ tune_top {_n}"], "train.lr_encoder": _lr}
 
 
 def set_key(tree: dict, dotted: str, value) -> None:
@@ -100,7 +105,8 @@ def text_key(overrides: dict) -> str:
 
 def build_text(work: Path, overrides: dict) -> Path:
     """Prepare + text stage for one text configuration (skipped when its report exists)."""
-    root = make_project(work / text_key(overrides), params_for(overrides, None, None))
+    text_only = {k: v for k, v in overrides.items() if k.startswith("text.")}  # one project per text config
+    root = make_project(work / text_key(overrides), params_for(text_only, None, None))
     if not (root / "reports" / DATASET / "text.json").is_file():
         run(root, "stages.prepare", log=root / "log.txt")
         run(root, "stages.text", log=root / "log.txt")
@@ -191,7 +197,7 @@ def table(results: list[dict], rows: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), help="row names (default: all)")
+    ap.add_argument("--rows", nargs="+", default=TABLE_ROWS, help=f"row names (default: the table's); all: {list(ROWS)}")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs for every run")
     ap.add_argument("--work", type=Path, default=Path("/tmp/wnut17-bench"))
