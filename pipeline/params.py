@@ -188,7 +188,9 @@ def apply_dataset_overrides(data: Mapping, item: str, root: Path) -> dict:
     for path, value in _leaves(over):
         parts = path.split(".")
         where = f"params.yaml: datasets.{item}.{OVERRIDES}.{path}"
-        if parts[0] in ("datasets", "mner_datasets", "retrieval_datasets", "image_datasets") or parts[0] in untracked:
+        if parts[0] in ("datasets", "mner_datasets", "retrieval_datasets", "image_datasets"):
+            raise ParamsError(f"{where}: the dataset lists and entries are not per-dataset knobs")
+        if parts[0] in untracked:
             raise ParamsError(f"{where}: section {parts[0]!r} cannot be set per dataset (a stage that reads it "
                               f"does not track datasets.{item})")
         node = out
