@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoders.text import _fix_empty_words, load_text_encoder, tokenize_words, word_features
+from pipeline.encoders.text import fix_empty_words, load_text_encoder, tokenize_words, word_features
 from pipeline.paths import project_path
 from pipeline.stores.tables import manifest_rows, write_text_features
 
@@ -61,7 +61,7 @@ def main() -> None:
     rows = manifest_rows(project_path(f"data/prepared/{args.dataset}/samples.parquet"), ["split", "tokens"])
     words = [r["tokens"] for r in rows if r["split"] == args.split]
     enc = load_text_encoder({"model": args.model, "layers": args.layers, "max_length": args.max_length})
-    fixed, _ = _fix_empty_words(enc.tokenizer, words)
+    fixed, _ = fix_empty_words(enc.tokenizer, words)
     order = sorted(range(len(fixed)), key=lambda i: (len(fixed[i]), i))
     batches = [dict(tokenize_words(enc, [fixed[i] for i in order[s:s + args.batch_size]]))
                for s in range(0, len(order), args.batch_size)]

@@ -113,6 +113,12 @@ def conll_tag(tag: str) -> str | None:
     return tag if tag == "O" or _CONLL_TAG.match(tag) else None
 
 
+def has_images(fmt: str) -> bool:
+    """twitter / newsmkg samples name an image; plain CoNLL text (``conll``) has none, and its
+    entity types come from the tags rather than the PER/LOC/ORG/other list."""
+    return fmt != "conll"
+
+
 def is_blank_token(token: str) -> bool:
     """True for a non-empty token made only of Unicode whitespace and/or zero-width characters."""
     return bool(token) and all(c.isspace() or c in _ZERO_WIDTH for c in token)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import fingerprint, package_versions, sha256_file, write_json, write_parquet
 from pipeline.data.agree import read_agree
+from pipeline.data.conll import has_images as format_has_images
 from pipeline.data.conll import read_conll
 from pipeline.data.images import ImagePolicy, ImageReport, is_fallback_status, load_image
 from pipeline.paths import PathEscapeError, project_path, project_root, safe_join
@@ -80,7 +81,7 @@ def prepare_mner(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> d
     """
     root = project_path(ds["dir"])
     fmt = ds["format"]
-    has_images = fmt != "conll"
+    has_images = format_has_images(fmt)
     other_tag = ds["other_tag"] if has_images else "MISC"  # conll: not read (the reader ignores it)
     rows, skipped, counts = [], {}, {}
     for split in SPLITS:

@@ -173,7 +173,7 @@ class WordFeatures:
         }
 
 
-def _fix_empty_words(tokenizer: Any, samples: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[int]]:
+def fix_empty_words(tokenizer: Any, samples: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[int]]:
     """Replace words that tokenize to nothing by the unknown token; count them per sample."""
     vocab = sorted({w for s in samples for w in s})
     pieces = tokenizer(vocab, add_special_tokens=False)["input_ids"] if vocab else []
@@ -226,7 +226,7 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
     """
     from tqdm import tqdm
 
-    words, empty_counts = _fix_empty_words(enc.tokenizer, samples)
+    words, empty_counts = fix_empty_words(enc.tokenizer, samples)
     n = len(words)
     feats: list[np.ndarray | None] = [None] * n
     states: list[np.ndarray | None] = [None] * n
@@ -303,12 +303,9 @@ def prompt_texts(enc: TextEncoder, types: Sequence[str], template: str) -> dict[
 
 # ---- the encoder's top layers, tuned on cached states (text.tune_top) ---------------------------
 
-def encoder_depth(params_text: Mapping[str, Any]) -> int:
-    """Number of transformer layers of the encoder that ``text.model`` names."""
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(resolve_text_model(str(params_text["model"])),
-                                          local_files_only=True).num_hidden_layers)
+def absolute_layers(layers: Sequence[int], depth: int) -> list[int]:
+    """``text.layers`` as ``hidden_states`` indices 0..depth (-1 -> depth)."""
+    return [l if l >= 0 else depth + 1 + l for l in layers]
 
 
 def check_tune_top(value: Any, depth: int, model: str) -> int:

@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.artifacts import fingerprint, package_versions, sha256_file
+from pipeline.data.conll import has_images
 from pipeline.data.images import ImagePolicy, ImageReport, is_fallback_status, load_image
 from pipeline.extract.common import (PACKAGES, ExtractError, non_negative_int, positive_int, features_dir,
                                      prepared_dir, resolve_device, setup_torch, write_report)
@@ -211,7 +212,7 @@ class ImageStageSetup:
 def _image_setup(dataset: str, params: Mapping[str, Any]) -> ImageStageSetup:
     if dataset not in params["datasets"]:
         raise ExtractError(f"params.yaml: datasets: no dataset named {dataset!r}")
-    if params["datasets"][dataset].get("format") == "conll":
+    if not has_images(params["datasets"][dataset].get("format", "twitter")):
         raise ExtractError(f"params.yaml: image_datasets: {dataset!r} is a plain CoNLL dataset without images; "
                            f"remove it from image_datasets (its text stage and training need no image cache)")
     clip = params["clip"]

@@ -31,8 +31,9 @@ def entity_types(tag_lists: Sequence[Sequence[str]], other_tag: str | None) -> l
 
 def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write ``features/<ds>/text``: first-sub-word features per sample + type-prompt features."""
-    from pipeline.encoders.text import (check_tune_top, load_text_encoder, prompt_texts, type_prompt_features,
-                                        word_features)
+    from pipeline.data.conll import has_images
+    from pipeline.encoders.text import (absolute_layers, check_tune_top, load_text_encoder, prompt_texts,
+                                        type_prompt_features, word_features)
     from pipeline.stores.tables import manifest_rows, write_text_features
 
     t0 = time.perf_counter()
@@ -41,7 +42,7 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
     ds = params["datasets"][dataset]
     if ds["kind"] != "mner":
         raise ExtractError(f"params.yaml: datasets.{dataset}.kind is {ds['kind']!r}; the text stage needs an mner dataset")
-    other_tag = None if ds["format"] == "conll" else str(ds["other_tag"])
+    other_tag = str(ds["other_tag"]) if has_images(ds["format"]) else None  # conll: types from the tags
     p = params["text"]
     setup_torch(p.get("threads"))
     batch_size = positive_int(p["batch_size"], "text.batch_size")
@@ -51,7 +52,7 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
     depth = int(enc.model.config.num_hidden_layers)
     tune_top = check_tune_top(p["tune_top"], depth, str(p["model"]))
     states_layer = depth - tune_top if tune_top else None
-    absolute = [l if l >= 0 else depth + 1 + l for l in enc.layers]
+    absolute = absolute_layers(enc.layers, depth)
     if tune_top and not any(a > depth - tune_top for a in absolute):
         raise ExtractError(f"params.yaml: text.tune_top: {tune_top} tunes the top {tune_top} layer(s), but "
                            f"text.layers {enc.layers} stores none of their outputs; add -1 to text.layers")

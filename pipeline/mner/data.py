@@ -276,7 +276,9 @@ class Caches:
         if prov.get("depth"):  # older caches have no depth: no tuning possible, layers unknown
             depth = int(prov["depth"])
             d["depth"] = depth
-            d["text_layers"] = [l if l >= 0 else depth + 1 + l for l in prov["layers"]]
+            from pipeline.encoders.text import absolute_layers
+
+            d["text_layers"] = absolute_layers(prov["layers"], depth)
         if self.patches is not None:
             d["d_pooled"] = int(self.patches.datasets["pooled"][0][-1])
             d["d_patch"] = int(self.patches.datasets["patch_tokens"][0][-1])
