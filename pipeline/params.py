@@ -208,17 +208,83 @@ def apply_dataset_overrides(data: Mapping, item: str, root: Path) -> dict:
     return out
 
 
+_KIND_LISTS = {"mner_datasets": "mner", "retrieval_datasets": "retrieval"}
+
+
+def check_dataset_for_stage(stage: str, item: str, data: Mapping, root: Path) -> None:
+    """``item`` names a dataset of the kind ``stage`` runs on (from its dvc.yaml ``foreach`` list)."""
+    datasets = data.get("datasets") or {}
+    if item not in datasets:
+        raise ParamsError(f"params.yaml: no dataset named {item!r} in `datasets` (have: {', '.join(datasets) or 'none'})")
+    spec = ((read_yaml(root / "dvc.yaml") or {}).get("stages") or {}).get(stage) or {}
+    m = _VAR.fullmatch(str(spec.get("foreach", "")).strip())
+    listed = m.group(1) if m else None
+    if listed in (None, "datasets"):
+        return
+    entry = datasets[item] if isinstance(datasets[item], Mapping) else {}
+    kind = entry.get("kind")
+    if listed in _KIND_LISTS:
+        if kind != _KIND_LISTS[listed]:
+            article = {"mner": "an mner", "retrieval": "a retrieval"}
+            raise ParamsError(f"{item} is {article.get(kind, repr(kind))} dataset; {stage} needs "
+                              f"{article[_KIND_LISTS[listed]]} dataset "
+                              f"(params.yaml {listed}: {', '.join(map(str, data.get(listed) or [])) or 'none'})")
+    elif listed == "image_datasets":
+        from pipeline.data.conll import has_images
+        if not has_images(str(entry.get("format", ""))):
+            raise ParamsError(f"{item} has no images (format {entry.get('format')}); {stage} runs only on "
+                              f"datasets with images (params.yaml image_datasets)")
+    elif item not in (data.get(listed) or []):
+        raise ParamsError(f"{item} is not in params.yaml {listed}, the datasets {stage} runs on")
+
+
+def validate_params(data: Mapping, declared: list[str], overridden: Mapping[str, Any] = {}, item: str | None = None) -> None:
+    """Check the declared sections (and that every top-level key is a known section) against
+    :mod:`pipeline.schema`; one :class:`ParamsError` lists every problem with its dotted name."""
+    from pipeline.schema import SECTIONS, check_section
+    problems = [f"{k}: unknown section (allowed: {', '.join(SECTIONS)})" for k in data if k not in SECTIONS]
+    checked: set[str] = set()
+    for d in declared:
+        parts = d.split(".")
+        name = ".".join(parts[:2]) if parts[0] == "datasets" and len(parts) > 1 else parts[0]
+        if name in checked or name not in SECTIONS and not name.startswith("datasets."):
+            continue
+        checked.add(name)
+        node: Any = data
+        for p in name.split("."):
+            node = node.get(p) if isinstance(node, Mapping) else None
+        if node is None:
+            problems.append(f"{name}: missing")
+            continue
+        for prob in check_section(name, node):
+            key = prob.split(" ", 1)[0].rstrip(":")
+            if key in overridden:  # say where the value came from
+                prob += f" (set by datasets.{item}.{OVERRIDES})"
+            problems.append(prob)
+    if problems:
+        n = len(problems)
+        raise ParamsError(f"params.yaml: {n} problem{'s' if n > 1 else ''}: " + "; ".join(problems))
+
+
 def load_params(stage: str, item: str | None = None, root: Path | None = None) -> Params:
     """Params for one stage (instance ``item`` of a foreach stage), gated by dvc.yaml, with the
-    dataset's ``overrides`` applied when the stage declares ``datasets.<item>``."""
+    dataset's ``overrides`` applied when the stage declares ``datasets.<item>``, and checked
+    against the schema (:mod:`pipeline.schema`) before any work."""
     root = root or project_root()
     declared = declared_params(stage, item, root)
     data = read_yaml(root / "params.yaml") or {}
-    if item is not None and f"datasets.{item}" in declared and isinstance(data, Mapping):
+    if not isinstance(data, Mapping):
+        raise ParamsError(f"params.yaml: the top level must be a mapping of sections, got {type(data).__name__}")
+    if item is not None:
+        check_dataset_for_stage(stage, item, data, root)
+    overridden: dict = {}
+    if item is not None and f"datasets.{item}" in declared:
         data = apply_dataset_overrides(data, item, root)
+        overridden = data.pop("_overridden", {})
         sections = {d.split(".")[0] for d in declared}
-        for path, (was, now) in sorted(data.pop("_overridden", {}).items()):
+        for path, (was, now) in sorted(overridden.items()):
             if path.split(".")[0] in sections:  # say it: an override beats the global value and `-S`
                 print(f"params: {path} = {now!r} for {item} (datasets.{item}.{OVERRIDES}; global value {was!r})",
                       file=sys.stderr)
+    validate_params(data, declared, overridden, item)
     return Params(data, declared, stage)

@@ -7,9 +7,9 @@ goes to reports/<ds>/align_retrieval.json.
 """
 from __future__ import annotations
 
-import argparse
 
 from pipeline.artifacts import report_path, write_json
+from pipeline.cli import run_stage, stage_parser
 from pipeline.params import load_params
 from pipeline.paths import project_path
 from pipeline.retrieval.align import AlignConfig, run_align, write_disabled
@@ -17,8 +17,7 @@ from pipeline.retrieval.data import load_retrieval_set
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
+    ap = stage_parser("align_retrieval", __doc__, dataset="a retrieval dataset name from params.yaml `retrieval_datasets`")
     args = ap.parse_args(argv)
     ds = args.dataset
     cfg = AlignConfig.from_params(load_params("align_retrieval", item=ds)["align_retrieval"])
@@ -41,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage("align_retrieval", main))

@@ -1,14 +1,13 @@
 """DVC stage `captions@<dataset>`: CLIP text embeddings of captions, entity prompts and entity-masked captions."""
-import argparse
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.extract.captions import extract_captions
 from pipeline.params import load_params
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = stage_parser("captions", __doc__, dataset="a retrieval dataset name from params.yaml `retrieval_datasets`")
+    args = ap.parse_args(argv)
     params = load_params("captions", item=args.dataset)
     r = extract_captions(args.dataset, params)
     print(f"captions {args.dataset}: {r['captions']} captions ({r['by_split']}), {r['entities_kept']} entities "
@@ -16,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_stage("captions", main))

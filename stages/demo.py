@@ -1,17 +1,17 @@
 """Stage `demo`: generate the embedded demo dataset (MNER tweets + retrieval set) under data/demo."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.data.demo import DemoSpec, generate_demo
 from pipeline.params import load_params
 from pipeline.paths import project_path
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser("demo", __doc__)
     ap.add_argument("--out", default="data/demo", help="output folder (default: data/demo, the DVC out)")
     args = ap.parse_args(argv)
     spec = DemoSpec.from_params(load_params("demo")["demo"])
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_stage("demo", main))

@@ -5,10 +5,10 @@ metrics/<dataset>/mner.json, plots/<dataset>/ and reports/<dataset>/evaluate.jso
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 from pipeline.artifacts import report_path, write_json
+from pipeline.cli import run_stage, stage_parser
 from pipeline.extract.common import non_negative_int, positive_int
 from pipeline.mner.evaluate import evaluate_on_caches
 from pipeline.params import load_params
@@ -16,8 +16,7 @@ from pipeline.paths import project_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="an MNER dataset name from params.yaml `datasets`")
+    ap = stage_parser("evaluate", __doc__, dataset="an MNER dataset name from params.yaml `datasets`")
     args = ap.parse_args(argv)
     p = load_params("evaluate", item=args.dataset)["evaluate"]
     t0 = time.perf_counter()
@@ -37,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage("evaluate", main))

@@ -6,19 +6,18 @@
 under torchrun RANK/WORLD_SIZE are used); it changes nothing else. Done shards whose
 fingerprint matches are skipped, so a killed run resumes where it stopped.
 """
-import argparse
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.extract.common import stage_report_path
 from pipeline.extract.images import extract_patches
 from pipeline.params import load_params
 from pipeline.stores.shards import resolve_shard_arg
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dataset", help="a dataset name from params.yaml `datasets`")
+def main(argv: list[str] | None = None) -> None:
+    ap = stage_parser("patches", __doc__, dataset="a dataset name from params.yaml `datasets`")
     ap.add_argument("--shard", default=None, metavar="I/N", help="run shard worker I of N (default: all shards)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     index, count = resolve_shard_arg(args.shard)
     params = load_params("patches", item=args.dataset)
     r = extract_patches(args.dataset, params, shard_index=index, shard_count=count)
@@ -28,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_stage("patches", main))

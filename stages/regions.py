@@ -5,19 +5,18 @@
 ``--shard i/n`` computes only shards i, i+n, ... (torchrun: RANK/WORLD_SIZE); done shards
 whose fingerprint matches are skipped, so a killed run resumes where it stopped.
 """
-import argparse
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.extract.common import stage_report_path
 from pipeline.extract.images import extract_regions
 from pipeline.params import load_params
 from pipeline.stores.shards import resolve_shard_arg
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dataset", help="a dataset name from params.yaml `datasets`")
+def main(argv: list[str] | None = None) -> None:
+    ap = stage_parser("regions", __doc__, dataset="a dataset name from params.yaml `datasets`")
     ap.add_argument("--shard", default=None, metavar="I/N", help="run shard worker I of N (default: all shards)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     index, count = resolve_shard_arg(args.shard)
     params = load_params("regions", item=args.dataset)
     r = extract_regions(args.dataset, params, shard_index=index, shard_count=count)
@@ -27,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_stage("regions", main))

@@ -5,10 +5,10 @@ predictions/<ds>/retrieval/{texts,images}_<method>.jsonl and reports/<ds>/rerank
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 from pipeline.artifacts import read_parquet_provenance, report_path, write_json
+from pipeline.cli import run_stage, stage_parser
 from pipeline.params import load_params
 from pipeline.paths import project_path
 from pipeline.retrieval.agree_io import load_id_types
@@ -17,8 +17,7 @@ from pipeline.retrieval.rerank_job import run_rerank
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
+    ap = stage_parser("rerank", __doc__, dataset="a retrieval dataset name from params.yaml `retrieval_datasets`")
     args = ap.parse_args(argv)
     ds = args.dataset
     params = load_params("rerank", item=ds)["rerank"]
@@ -37,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage("rerank", main))

@@ -6,10 +6,10 @@ features/<ds>/retrieval/{t2i,i2t}.parquet and reports/<ds>/retrieve.json (timing
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 from pipeline.artifacts import package_versions, report_path, write_json
+from pipeline.cli import run_stage, stage_parser
 from pipeline.params import load_params
 from pipeline.paths import project_path
 from pipeline.retrieval.data import load_retrieval_set
@@ -17,13 +17,10 @@ from pipeline.retrieval.retrieve_job import run_retrieve
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
+    ap = stage_parser("retrieve", __doc__, dataset="a retrieval dataset name from params.yaml `retrieval_datasets`")
     args = ap.parse_args(argv)
     ds = args.dataset
     params = load_params("retrieve", item=ds)
-    if params["datasets"][ds]["kind"] != "retrieval":
-        raise ValueError(f"params.yaml: datasets.{ds}.kind is {params['datasets'][ds]['kind']!r}, not 'retrieval'")
     source = "aligned" if params["align_retrieval"]["enabled"] else "zero_shot"
     t0 = time.perf_counter()
     rs = load_retrieval_set(ds, source)
@@ -45,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage("retrieve", main))

@@ -5,8 +5,8 @@ result format) and plots/<ds>/retrieval_recall.{csv,png}.
 """
 from __future__ import annotations
 
-import argparse
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.params import load_params
 from pipeline.paths import project_path
 from pipeline.retrieval.data import read_ground_truth
@@ -14,8 +14,7 @@ from pipeline.retrieval.score_job import run_score
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="a retrieval dataset name from params.yaml `retrieval_datasets`")
+    ap = stage_parser("score", __doc__, dataset="a retrieval dataset name from params.yaml `retrieval_datasets`")
     args = ap.parse_args(argv)
     ds = args.dataset
     params = load_params("score", item=ds)["score"]
@@ -35,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage("score", main))

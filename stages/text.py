@@ -1,14 +1,13 @@
 """DVC stage `text@<dataset>`: frozen text encoder -> word features (first sub-word) + type-prompt features."""
-import argparse
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.extract.text import extract_text
 from pipeline.params import load_params
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="an MNER dataset name from params.yaml `mner_datasets`")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = stage_parser("text", __doc__, dataset="an MNER dataset name from params.yaml `mner_datasets`")
+    args = ap.parse_args(argv)
     params = load_params("text", item=args.dataset)
     r = extract_text(args.dataset, params)
     print(f"text {args.dataset}: {r['samples']} samples, {r['words']} words, {r['words_truncated']} truncated "
@@ -16,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_stage("text", main))

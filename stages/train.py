@@ -5,23 +5,19 @@ DVCLive curves in dvclive/<dataset>/train/ and the run report reports/<dataset>/
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 from pipeline.artifacts import report_path, write_json
+from pipeline.cli import run_stage, stage_parser
 from pipeline.mner.train import train_on_caches
 from pipeline.params import load_params
 from pipeline.paths import project_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("dataset", help="an MNER dataset name from params.yaml `datasets`")
+    ap = stage_parser("train", __doc__, dataset="an MNER dataset name from params.yaml `datasets`")
     args = ap.parse_args(argv)
     params = load_params("train", item=args.dataset)
-    kind = params["datasets"][args.dataset]["kind"]
-    if kind != "mner":
-        raise SystemExit(f"params.yaml: datasets.{args.dataset}.kind is {kind!r}; the train stage needs an mner dataset")
     t0 = time.perf_counter()
     res = train_on_caches(args.dataset, params["fusion"], params["train"], params["align"],
                           model_dir=project_path(f"models/{args.dataset}"),
@@ -37,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage("train", main))

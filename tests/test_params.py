@@ -1,7 +1,10 @@
 """The params gate: a stage reads exactly what dvc.yaml declares for it."""
+import copy
 import textwrap
+from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.params import MissingParamError, ParamsError, UndeclaredParamError, declared_params, load_params
 from pipeline.paths import PathEscapeError, safe_join
@@ -25,30 +28,33 @@ stages:
       params:
         - params.yaml: [score]
 """
-PARAMS = """
-fusion: {layers: 2, heads: 4}
-train: {lr: 0.1, epochs: 3}
-images: {fallback: blank}
-datasets:
-  a: {dir: data/a}
-  b: {dir: data/b}
-score: {ks: [1, 5]}
-"""
+REPO = Path(__file__).resolve().parents[1]
+REAL = yaml.safe_load((REPO / "params.yaml").read_text())  # a valid base; tests change what they test
+
+
+def write_params(root: Path, edit=None) -> dict:
+    params = copy.deepcopy(REAL)
+    params["datasets"] = {"a": dict(REAL["datasets"]["wnut17"], overrides={}), "b": dict(REAL["datasets"]["wnut17"], dir="data/b")}
+    params["datasets"]["a"]["dir"] = "data/a"
+    if edit:
+        edit(params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
 
 
 @pytest.fixture
 def root(tmp_path):
     (tmp_path / "dvc.yaml").write_text(textwrap.dedent(DVC))
-    (tmp_path / "params.yaml").write_text(textwrap.dedent(PARAMS))
+    write_params(tmp_path)
     return tmp_path
 
 
 def test_declared_sections_and_keys_are_readable(root):
     p = load_params("train", root=root)
-    assert p["fusion"]["layers"] == 2
-    assert p["fusion"].to_dict() == {"layers": 2, "heads": 4}
-    assert p["train"]["lr"] == 0.1
-    assert p.to_dict() == {"fusion": {"layers": 2, "heads": 4}, "train": {"lr": 0.1}}
+    assert p["fusion"]["layers"] == REAL["fusion"]["layers"]
+    assert p["fusion"].to_dict() == REAL["fusion"]
+    assert p["train"]["lr"] == REAL["train"]["lr"]
+    assert p.to_dict() == {"fusion": REAL["fusion"], "train": {"lr": REAL["train"]["lr"]}}
 
 
 def test_undeclared_reads_fail_loudly(root):
@@ -78,12 +84,18 @@ def test_foreach_instance_sees_only_its_dataset(root):
 
 
 def test_missing_declared_param_names_params_yaml(root):
-    p = load_params("train", root=root)
-    with pytest.raises(MissingParamError, match=r"params.yaml: missing param 'fusion.dropout'"):
-        p["fusion"]["dropout"]
-    assert p["fusion"].get("dropout", 0.5) == 0.5
-    assert "dropout" not in p["fusion"]  # declared (fusion is) but absent from params.yaml
-    assert "layers" in p["fusion"]
+    write_params(root, lambda p: p["fusion"].pop("dropout"))
+    with pytest.raises(ParamsError, match=r"params.yaml: 1 problem: fusion.dropout: missing"):
+        load_params("train", root=root)
+    # an optional key (the schema has its default) is absent from the view, not invented
+    write_params(root, lambda p: p["images"].pop("min_side"))
+    with pytest.raises(ParamsError, match=r"images.min_side: missing"):
+        load_params("prepare", item="a", root=root)
+    write_params(root)
+    p = load_params("prepare", item="a", root=root)
+    assert "fallback_size" not in p["images"] and p["images"].get("fallback_size", 224) == 224
+    with pytest.raises(MissingParamError, match=r"params.yaml: missing param 'images.fallback_size'"):
+        p["images"]["fallback_size"]
 
 
 def test_unknown_stage_and_missing_instance(root):
@@ -95,10 +107,6 @@ def test_unknown_stage_and_missing_instance(root):
 
 def test_repo_dvc_yaml_declares_params_that_exist():
     """Every params key the real dvc.yaml declares exists in the real params.yaml."""
-    from pathlib import Path
-
-    import yaml
-
     repo = Path(__file__).resolve().parents[1]
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -145,12 +153,12 @@ stages:
 
 
 def _override_root(tmp_path, overrides):
-    import yaml
-
     (tmp_path / "dvc.yaml").write_text(textwrap.dedent(OVERRIDE_DVC))
-    params = {"detector": {"source": "fasterrcnn", "topk": 10}, "score": {"ks": [1, 5]},
-              "datasets": {"a": {"dir": "data/a", "overrides": overrides}, "b": {"dir": "data/b"}}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def edit(p):
+        p["detector"].update(source="fasterrcnn", topk=10)
+        p["datasets"]["a"]["overrides"] = overrides
+    write_params(tmp_path, edit)
     return tmp_path
 
 
@@ -175,10 +183,6 @@ def test_dataset_overrides_refuse_typos_and_untracked_sections(tmp_path, overrid
 
 def test_repo_overrides_name_real_params():
     """The committed params.yaml's overrides load for every stage instance of their datasets."""
-    from pathlib import Path
-
-    import yaml
-
     repo = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for name, ds in params["datasets"].items():

@@ -196,3 +196,50 @@ def test_shipped_boxes_key_the_image_manifest(mner_dir):
     prepare_dataset("tw", ds, IMAGES, "b")
     pa_, pb = (read_parquet_provenance(root / d / "images.parquet") for d in ("a", "b"))
     assert pa_["annotations_sha256"] and pa_["annotations_sha256"] != pb["annotations_sha256"]
+
+
+# ---- data checks: shared images across splits, empty splits ------------------------------------
+def test_an_image_in_two_splits_is_reported_with_counts(mner_dir):
+    root, ds = mner_dir
+    d = root / "data" / "tw"
+    _tweets(d / "valid.txt", ["IMGID:1\nApple\tB-ORG", "IMGID:2\nx\tO"])   # 1 and 2 are train images too
+    _tweets(d / "test.txt", ["IMGID:1\nhi\tO", "IMGID:4\nhi\tO"])          # 1 is in all three
+    report = prepare_dataset("tw", ds, IMAGES, "out")
+    [w] = report["warnings"]
+    assert w["reason"] == "image_in_two_splits" and w["count"] == 2 and w["first"] == ["1", "2"]
+    assert w["by_splits"] == {"train+valid": 1, "train+valid+test": 1}
+    with pytest.raises(ValueError, match=r"datasets.tw: 2 image ids appear in more than one split .*shared_images: raise"):
+        prepare_dataset("tw", {**ds, "shared_images": "raise"}, IMAGES, "out2")
+    assert not (root / "out2").exists()  # nothing written on refusal
+
+
+def test_distinct_images_give_no_warning(mner_dir):
+    root, ds = mner_dir
+    assert prepare_dataset("tw", ds, IMAGES, "out")["warnings"] == []
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_an_empty_split_fails_at_prepare_naming_the_file(mner_dir, split):
+    root, ds = mner_dir
+    (root / "data" / "tw" / f"{split}.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"data/tw/{split}.txt: the {split} split has no sentences.*splits.{split}"):
+        prepare_dataset("tw", ds, IMAGES, "out")
+
+
+def test_a_split_of_only_bad_lines_says_how_many_were_skipped(mner_dir):
+    root, ds = mner_dir
+    (root / "data" / "tw" / "valid.txt").write_text("IMGID:3\nonly-one-column\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"valid.txt: the valid split has no sentences \(1 skipped as bad lines\)"):
+        prepare_dataset("tw", {**ds, "on_bad_line": "skip"}, IMAGES, "out")
+
+
+def test_an_empty_retrieval_test_file_fails_at_prepare(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    d = tmp_path / "fl"
+    d.mkdir()
+    (d / "t.jsonl").write_text("")
+    (d / "i.jsonl").write_text("")
+    ds = {"kind": "retrieval", "format": "agree", "dir": "fl", "images": "images", "train": "",
+          "test_texts": "t.jsonl", "test_images": "i.jsonl", "test_entities": "", "on_bad_line": "raise"}
+    with pytest.raises(ValueError, match=r"fl/t.jsonl: no usable records .*test texts split cannot be empty"):
+        prepare_dataset("fl", ds, IMAGES, "out")

@@ -78,40 +78,11 @@ class DemoSpec:
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> "DemoSpec":
-        """Build and validate from the ``demo`` params section; errors name the param."""
-
-        def need(m: Mapping, key: str, where: str) -> Any:
-            if key not in m:
-                raise ValueError(f"params.yaml: demo.{where}{key}: missing")
-            return m[key]
-
-        def integer(m: Mapping, key: str, where: str = "", lo: int = 0) -> int:
-            v = need(m, key, where)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"params.yaml: demo.{where}{key}: must be an integer >= {lo}, got {v!r}")
-            return v
-
-        m, r = need(p, "mner", ""), need(p, "retrieval", "")
-        share = need(m, "ambiguous_share", "mner.")
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise ValueError(f"params.yaml: demo.mner.ambiguous_share: must be a number in [0, 1], got {share!r}")
-        spec = cls(
-            seed=integer(p, "seed"),
-            image_size=integer(p, "image_size", lo=32),
-            mner=MnerSpec(
-                train=integer(m, "train", "mner.", 1), valid=integer(m, "valid", "mner.", 1),
-                test=integer(m, "test", "mner.", 1), ambiguous_share=float(share),
-                missing_images=integer(m, "missing_images", "mner."),
-                broken_images=integer(m, "broken_images", "mner."),
-            ),
-            retrieval=RetrievalSpec(
-                train_images=integer(r, "train_images", "retrieval.", 2),
-                test_images=integer(r, "test_images", "retrieval.", 2),
-                captions_per_image=integer(r, "captions_per_image", "retrieval.", 1),
-                missing_images=integer(r, "missing_images", "retrieval."),
-                broken_images=integer(r, "broken_images", "retrieval."),
-            ),
-        )
+        """Build and validate from the ``demo`` params section (pipeline.schema); errors name the param."""
+        from pipeline.schema import validate_section
+        validate_section("demo", p)
+        spec = cls(seed=p["seed"], image_size=p["image_size"], mner=MnerSpec(**p["mner"]),
+                   retrieval=RetrievalSpec(**p["retrieval"]))
         spec.validate()
         return spec
 

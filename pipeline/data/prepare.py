@@ -8,6 +8,7 @@ image: id, path relative to the project root, load status); the report it return
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.artifacts import fingerprint, package_versions, sha256_file, write_json, write_parquet
-from pipeline.data.agree import read_agree
+from pipeline.data.agree import SHOW, read_agree
 from pipeline.data.conll import has_images as format_has_images
 from pipeline.data.conll import read_conll
 from pipeline.data.images import ImagePolicy, ImageReport, is_fallback_status, load_image
@@ -87,12 +88,18 @@ def prepare_mner(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> d
     for split in SPLITS:
         if split not in ds["splits"]:
             raise KeyError(f"params.yaml: datasets.{ds_name}.splits has no {split!r} file")
-        res = read_conll(root / ds["splits"][split], fmt=fmt, other_tag=other_tag, on_bad_line=ds["on_bad_line"])
+        path = root / ds["splits"][split]
+        res = read_conll(path, fmt=fmt, other_tag=other_tag, on_bad_line=ds["on_bad_line"])
+        if not res.samples:
+            skips = f" ({len(res.skipped)} skipped as bad lines)" if res.skipped else ""
+            raise ValueError(f"{_display_path(path)}: the {split} split has no sentences{skips}; every split needs at least one "
+                             f"(params.yaml datasets.{ds_name}.splits.{split})")
         skipped[split] = res.skipped
         counts[split] = res.counts
         for i, s in enumerate(res.samples):
             rows.append({"split": split, "sample_id": f"{split}-{i:06d}", "image_id": s.image_id,
                          "tokens": s.tokens, "tags": s.tags, "line": s.line})
+    warnings = [w for w in [shared_images(rows, ds_name, ds.get("shared_images", "warn"))] if w]
     refs: dict[str, tuple[Path, str]] = {}
     if has_images:
         # twitter: IMGID is an id under <dir>/<images>; newsmkg: a path relative to <dir> (+ .jpg)
@@ -109,7 +116,25 @@ def prepare_mner(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> d
     return {"dataset": ds_name, "kind": "mner", "has_images": has_images,
             "samples": {s: counts[s] for s in SPLITS},
             "blank_tokens": sum(counts[s]["blank_tokens"] for s in SPLITS),
-            "skipped": skipped, "images": img_report.to_dict()}
+            "skipped": skipped, "warnings": warnings, "images": img_report.to_dict()}
+
+
+def shared_images(rows: list[dict], ds_name: str, policy: str) -> dict | None:
+    """The warning for IMGIDs used in more than one split (leakage), or an error if ``policy`` is raise."""
+    splits: dict[str, set[str]] = {}
+    for r in rows:
+        if r["image_id"]:
+            splits.setdefault(r["image_id"], set()).add(r["split"])
+    both = sorted(i for i, s in splits.items() if len(s) > 1)
+    if not both:
+        return None
+    pairs = Counter("+".join(s for s in SPLITS if s in splits[i]) for i in both)
+    message = (f"{len(both)} image ids appear in more than one split "
+               f"({', '.join(f'{k}: {v}' for k, v in sorted(pairs.items()))}); first: {', '.join(both[:SHOW])}")
+    if policy == "raise":
+        raise ValueError(f"datasets.{ds_name}: {message} (shared_images: raise; set it to warn to accept them)")
+    return {"reason": "image_in_two_splits", "count": len(both), "by_splits": dict(sorted(pairs.items())),
+            "message": message, "first": both[:SHOW]}
 
 
 def prepare_retrieval(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path) -> dict:
@@ -118,6 +143,11 @@ def prepare_retrieval(ds_name: str, ds: Mapping, policy: ImagePolicy, out: Path)
     opt = lambda key: root / ds[key] if ds.get(key) else None  # noqa: E731
     data = read_agree(train=opt("train"), test_texts=opt("test_texts"), test_images=opt("test_images"),
                       test_entities=opt("test_entities"), on_bad_line=ds["on_bad_line"])
+    for key, n in (("test_texts", data.counts["test_captions"]), ("test_images", data.counts["test_images"]),
+                   ("train", data.counts["train_captions"] if ds.get("train") else 1)):
+        if not n:
+            raise ValueError(f"{_display_path(root / ds[key])}: no usable records ({data.counts['skipped']} skipped); "
+                             f"the {key.replace('_', ' ')} split cannot be empty (params.yaml datasets.{ds_name}.{key})")
     refs: dict[str, tuple[Path, str]] = {}
     for g in data.gallery:
         # train records name their file ("image"), relative to the dataset folder; test images are <images>/<id>.jpg

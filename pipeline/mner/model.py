@@ -126,8 +126,7 @@ class MNERConfig:
                 "patch_queries", "dropout", "use_image", "use_patches", "use_regions", "char_dim", "shape_dim")
         kw = {k: fusion[k] for k in keys}
         kw["align_pooling"] = align["pooling"]
-        kw["align_temperature"] = float(align["temperature"])
-        kw["dropout"] = float(kw["dropout"])
+        kw["align_temperature"] = align["temperature"]
         kw.update(dims)  # data dimensions, and what the data forces (use_image False without images)
         return cls(**kw)
 

@@ -62,12 +62,11 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, train: Any, align: Any) -> "TrainConfig":
+        """From the ``train`` and ``align`` sections (types and ranges checked by pipeline.schema)."""
         t = {k: train[k] for k in ("seed", "epochs", "batch_size", "lr", "lr_crf", "weight_decay",
                                    "warmup_ratio", "grad_clip", "patience", "lr_encoder", "encoder_warmup_ratio",
                                    "threads")}
-        floats = ("lr", "lr_crf", "weight_decay", "warmup_ratio", "grad_clip", "lr_encoder", "encoder_warmup_ratio")
-        t = {k: (float(v) if k in floats else int(v)) for k, v in t.items()}
-        return cls(**t, align_weight=float(align["weight"]))
+        return cls(**t, align_weight=align["weight"])
 
 
 @dataclass

@@ -41,19 +41,10 @@ class AlignConfig:
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> AlignConfig:
-        """From the ``align_retrieval`` params section (every key required)."""
-        kw = {}
-        for f, default in asdict(cls()).items():
-            v = p[f]
-            try:
-                kw[f] = bool(v) if isinstance(default, bool) else type(default)(v)
-            except (TypeError, ValueError):
-                raise ValueError(f"params.yaml: align_retrieval.{f} must be a {type(default).__name__}, got {v!r}") from None
-        cfg = cls(**kw)
-        if cfg.epochs < 0 or cfg.batch_size < 2 or cfg.temperature <= 0 or cfg.dim < 0 or cfg.threads < 1:
-            raise ValueError(f"params.yaml: align_retrieval: need epochs >= 0, batch_size >= 2, temperature > 0, "
-                             f"dim >= 0, threads >= 1; got {cfg}")
-        return cfg
+        """From the ``align_retrieval`` params section (checked by pipeline.schema)."""
+        from pipeline.schema import validate_section
+        validate_section("align_retrieval", p)
+        return cls(**{k: p[k] for k in p})
 
 
 def entity_means(prompt_emb: np.ndarray, n_entities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
