@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stages.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", help="shard dir, .h5 shard, text/captions feature dir, or .parquet file")
     ap.add_argument("--id", dest="item_id", help="show one item: arrays with shapes, stats, a few values")
-    ap.add_argument("--check", action="store_true", help="integrity checks; exit 1 if any problem")
+    ap.add_argument("--check", action="store_true",
+                    help="integrity checks (every content digest verified); exit 1 if any problem")
     ap.add_argument("--draw", nargs=2, metavar=("ID", "OUT_PNG"), help="draw an image with its region boxes")
     ap.add_argument("--images-manifest", "--manifest", dest="manifest",
                     help="prepared manifest: image paths for --draw; the ids the cache must hold exactly once for "

@@ -18,6 +18,7 @@ from pipeline.extract.text import entity_types, extract_text
 from pipeline.params import Params
 from pipeline.stores.shards import ShardReader, shard_files
 from pipeline.stores.tables import CaptionFeatures, TextFeatures
+from tests.corrupt import overwrite_middle
 
 torch.set_num_threads(1)
 TINY = "demo-tiny-vit"
@@ -165,6 +166,24 @@ def test_resume_after_a_kill_gives_identical_shards(project, monkeypatch, tmp_pa
     assert report["shards_skipped"] == 1 and report["shards_written"] == 2 and report["images_processed"] == 4
     assert shard_bytes(out) == shard_bytes(clean)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_damaged_shard_is_rewritten_not_recorded(project, tmp_path_factory, capsys):
+    # the old failure: 256 bytes overwritten mid-shard (finite 3.4e38 values), the shard still "done"
+    clean = tmp_path_factory.mktemp("clean")
+    extract_patches("ds", params("patches"), out_dir=clean)
+    out = project / "features/ds/patches"
+    extract_patches("ds", params("patches"))
+    overwrite_middle(out / "shard-00001.h5", "patch_tokens")
+    capsys.readouterr()
+    report = extract_patches("ds", params("patches"))
+    assert report["shards_written"] == 1 and report["shards_skipped"] == 2 and report["images_processed"] == 3
+    assert list(report["shards_failed_verification"]) == ["shard-00001.h5"]
+    assert "'patch_tokens'" in report["shards_failed_verification"]["shard-00001.h5"]
+    assert "shard-00001.h5 fails verification" in capsys.readouterr().err
+    saved = json.loads((project / "reports/ds/patches.json").read_text())
+    assert saved["shards_failed_verification"] == report["shards_failed_verification"]
+    assert shard_bytes(out) == shard_bytes(clean)
 
 
 def test_fingerprint_follows_clip_params_not_execution_knobs(project, tmp_path):

@@ -18,7 +18,8 @@ and one key per image (manifest path and status + sha256 of the image file's byt
 changed, added or removed image recomputes only the shards it touches.
 
 Run reports (``pipeline.extract.common``) add image statuses and fallbacks by reason and
-shards written/skipped.
+shards written/skipped; a shard that fails verification (damaged, or written before shards
+stored digests) is rewritten and listed under ``shards_failed_verification``.
 """
 from __future__ import annotations
 
@@ -175,20 +176,6 @@ class ShardFeeder:
         return list(make_loader(self.dataset, self._batches(list(ids)), self.workers, self.pin_memory))
 
 
-def pending_shards(ids: Sequence[str], size: int, out_dir: str | os.PathLike, run_fp: str,
-                   item_keys: Mapping[str, str], shard_index: int, shard_count: int) -> list[list[str]]:
-    """The id lists of the shards ``run_shards`` will compute (same rule: not done or stale)."""
-    from pipeline.stores.shards import plan_shards, select_shards, shard_fingerprint, shard_is_done, shard_path
-
-    plan = plan_shards(ids, size)
-    todo = []
-    for k in select_shards(len(plan), shard_index, shard_count):
-        sfp = shard_fingerprint(run_fp, plan[k], [item_keys[i] for i in plan[k]])
-        if not shard_is_done(shard_path(out_dir, k), sfp):
-            todo.append(plan[k])
-    return todo
-
-
 def fallback_summary(report: ImageReport) -> dict[str, int]:
     """Fallbacks by reason among the counted statuses."""
     return {s: n for s, n in sorted(report.counts.items()) if is_fallback_status(s)}
@@ -231,21 +218,21 @@ def _run_image_stage(stage: str, setup: ImageStageSetup, out_dir: Path, run_fp: 
                      make_compute: Callable[[ShardFeeder, ImageReport, dict], Callable[[list[str]], dict]],
                      raw: bool, preprocess: Callable | None, shard_index: int, shard_count: int,
                      extra_report: dict | None = None, t_start: float | None = None) -> dict[str, Any]:
-    from pipeline.stores.shards import run_shards
+    from pipeline.stores.shards import plan_work, run_shards
 
     t0 = t_start if t_start is not None else time.perf_counter()
     ids = [r.image_id for r in setup.records]
     keys = image_item_keys(setup.records)
-    pending = pending_shards(ids, setup.shard_size, out_dir, run_fp, keys, shard_index, shard_count)
+    work = plan_work(ids, setup.shard_size, out_dir, run_fp, shard_index, shard_count, keys)  # verifies each shard once
     dataset = ImageDataset(setup.records, setup.policy, preprocess=preprocess, raw=raw)
-    feeder = ShardFeeder(dataset, pending, setup.batch_size, setup.workers,
+    feeder = ShardFeeder(dataset, work.pending, setup.batch_size, setup.workers,
                          pin_memory=setup.device.startswith("cuda"))
     images = ImageReport()
     counters: dict[str, Any] = Counter()
     compute = make_compute(feeder, images, counters)
     stats = run_shards(ids, setup.shard_size, out_dir, run_fp, provenance, compute,
                        shard_index=shard_index, shard_count=shard_count,
-                       progress_desc=f"{stage}@{setup.dataset}", item_keys=keys)
+                       progress_desc=f"{stage}@{setup.dataset}", item_keys=keys, work=work)
     report = {
         "stage": stage,
         "dataset": setup.dataset,

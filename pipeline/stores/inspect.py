@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from pipeline.stores import shards as S
 from pipeline.stores import tables as T
 
 MAX_LISTED = 5  # ids named per problem
-BLOCK_BYTES = 64 << 20  # rows read at a time when scanning a dataset
 
 
 class InspectError(RuntimeError):
@@ -127,7 +126,7 @@ def scan_shard(path: Path) -> ShardInfo:
             if "ids" not in f:
                 info.error = "no 'ids' dataset"
                 return info
-            info.ids = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in f["ids"][()]]
+            info.ids = S.read_ids(path, f["ids"])
             for k in f.keys():
                 ds = f[k]
                 if isinstance(ds, h5py.Dataset):
@@ -148,13 +147,6 @@ def scan_shards(path: str | os.PathLike) -> list[ShardInfo]:
     if not files:
         raise InspectError(f"{p}: no shard-*.h5 files")
     return [scan_shard(f) for f in files]
-
-
-def _row_blocks(ds: h5py.Dataset) -> Iterable[tuple[int, np.ndarray]]:
-    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
-    step = max(1, BLOCK_BYTES // row_bytes)
-    for start in range(0, ds.shape[0], step):
-        yield start, ds[start:start + step]
 
 
 # ---- summary -------------------------------------------------------------------------------------
@@ -215,7 +207,7 @@ def _summary_text(p: Path) -> str:
         if not (p / f).exists():
             lines.append(f"  {f}: MISSING")
             continue
-        t = T.FeatureTable(p / f)
+        t = T.FeatureTable(p / f, verify=False)
         lines += _table_summary_lines(t)
         if key == "type":
             lines.append(f"    types: {', '.join(map(str, t.columns['type']))}")
@@ -225,7 +217,7 @@ def _summary_text(p: Path) -> str:
 
 
 def _summary_captions(p: Path) -> str:
-    t = T.FeatureTable(p / T.CAPTIONS_FILE)
+    t = T.FeatureTable(p / T.CAPTIONS_FILE, verify=False)
     lines = [f"{p}: caption features (Parquet)"] + _table_summary_lines(t)
     ents = np.asarray(t.columns.get("n_entities", []))
     if ents.size:
@@ -275,7 +267,7 @@ def show_item(path: str | os.PathLike, item_id: str) -> str:
             if item_id in info.ids:
                 row = info.ids.index(item_id)
                 with h5py.File(info.path, "r") as f:
-                    arrays = {k: np.asarray(f[k][row]) for k in f.keys() if k != "ids"}
+                    arrays = {k: np.asarray(S.read_checked(info.path, f[k], row)) for k in f.keys() if k != "ids"}
                 lines = [f"{item_id!r}: {info.path.name} row {row}"]
                 lines += [f"  {k:<13} {array_stats(v)}" for k, v in arrays.items()]
                 if {"boxes", "mask"} <= set(arrays):
@@ -410,7 +402,7 @@ def _duplicates(where: dict[str, list[str]]) -> list[str]:
 
 
 def check_shards(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
-    """ids unique, shards complete and consistent, no NaN/inf, region masks consistent with boxes."""
+    """ids unique, shards complete and consistent, every digest verifies, no NaN/inf, region masks consistent with boxes."""
     problems: list[str] = []
     infos = scan_shards(p)
     if p.is_dir():
@@ -457,24 +449,32 @@ def check_shards(p: Path, manifest: str | os.PathLike | None = None) -> list[str
 
 
 def _check_shard_values(info: ShardInfo) -> list[str]:
-    problems = []
-    name = info.path.name
+    """Every dataset against its digest and the float ones for NaN/inf, in one read; then the regions."""
+    name, n = info.path.name, len(info.ids)
+    nonfinite: dict[str, list[str]] = defaultdict(list)
+
+    def visit(k: str, start: int, block: np.ndarray) -> None:
+        if block.dtype.kind != "f" or block.ndim == 0:
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(block.sum()):  # fast path: a sum is finite only if every value is
+                return
+        rows = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        nonfinite[k] += [info.ids[start + r] for r in np.flatnonzero(rows) if start + r < n]
+
     try:
+        problems = [f"{name}: {p}" for p in S.verify_shard(info.path, visit)]
+        problems += [f"{name}: {k}: {len(bad)} item(s) with NaN/inf: {_ids_text(bad)}" for k, bad in nonfinite.items() if bad]
         with h5py.File(info.path, "r") as f:
-            n = len(info.ids)
-            for k, ds in f.items():
-                if k == "ids" or not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f" or ds.shape[:1] != (n,):
-                    continue
-                bad: list[str] = []
-                for start, block in _row_blocks(ds):
-                    rows = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-                    bad += [info.ids[start + r] for r in np.flatnonzero(rows)]
-                if bad:
-                    problems.append(f"{name}: {k}: {len(bad)} item(s) with NaN/inf: {_ids_text(bad)}")
             if {"boxes", "mask"} <= set(f.keys()) and f["mask"].shape[:1] == (n,) and f["boxes"].shape[:1] == (n,):
-                problems += _check_regions(name, info.ids, {k: f[k][()] for k in ("boxes", "mask", "scores") if k in f})
+                try:
+                    a = {k: S.read_checked(info.path, f[k]) for k in ("boxes", "mask", "scores") if k in f}
+                except S.CorruptShardError:
+                    a = None  # already named by the digest check
+                if a is not None:
+                    problems += _check_regions(name, info.ids, a)
     except Exception as e:
-        problems.append(f"{name}: cannot read values ({type(e).__name__}: {e})")
+        problems = [f"{name}: cannot read values ({type(e).__name__}: {e})"]
     return problems
 
 
@@ -526,14 +526,32 @@ def _key_problems(t: T.FeatureTable, key: str) -> list[str]:
         [f"{t.path.name}: ... {len(dup)} duplicated {key}s in all"] if len(dup) > MAX_LISTED else [])
 
 
+def _verified_table(p: Path, cache: bool) -> tuple[T.FeatureTable | None, list[str]]:
+    """``(table, problems)``: the table checked against its digests (None if unreadable or damaged).
+
+    ``cache``: a feature cache, always written with digests, so one without them is a problem
+    too (a prepared manifest or another Parquet file may have none).
+    """
+    try:
+        t = T.FeatureTable(p)
+    except Exception as e:
+        return None, [str(e)]
+    if cache and not t.digested:
+        return t, [f"{p.name}: no content digest (written before feature tables stored digests); "
+                   f"rerun the stage that writes it"]
+    return t, []
+
+
 def check_text(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
     problems: list[str] = []
     tables = {}
-    for f in (T.WORDS_FILE, T.TYPE_PROMPTS_FILE):
-        try:
-            tables[f] = T.FeatureTable(p / f)
-        except Exception as e:
-            problems.append(f"{f}: {e}")
+    for f in (T.WORDS_FILE, T.TYPE_PROMPTS_FILE, T.STATES_FILE):
+        if f == T.STATES_FILE and not (p / f).exists():
+            continue
+        t, found = _verified_table(p / f, cache=True)
+        problems += found
+        if t is not None:
+            tables[f] = t
     w, tp = tables.get(T.WORDS_FILE), tables.get(T.TYPE_PROMPTS_FILE)
     if w is not None and tp is not None and w.provenance != tp.provenance:
         problems.append(f"{T.WORDS_FILE} and {T.TYPE_PROMPTS_FILE} have different provenance (different runs)")
@@ -564,9 +582,11 @@ def check_text(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
 
 
 def check_captions(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
-    t = T.FeatureTable(p / T.CAPTIONS_FILE)
+    t, problems = _verified_table(p / T.CAPTIONS_FILE, cache=True)
+    if t is None:
+        return problems
     ids = t.columns["caption_id"]
-    problems = _key_problems(t, "caption_id") + _check_table_arrays(t, ids)
+    problems += _key_problems(t, "caption_id") + _check_table_arrays(t, ids)
     for name in ("emb", "prompt_emb", "mask_emb"):
         if name not in t.array_names:
             problems.append(f"{T.CAPTIONS_FILE}: no column {name!r}")
@@ -581,9 +601,10 @@ def check_captions(p: Path, manifest: str | os.PathLike | None = None) -> list[s
 
 
 def check_table(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
-    """A Parquet file: its id column unique, no nulls, no NaN in array columns."""
-    t = T.FeatureTable(p)
-    problems = []
+    """A Parquet file: its digests (if it has them) verify, its id column unique, no nulls, no NaN in array columns."""
+    t, problems = _verified_table(p, cache=False)
+    if t is None:
+        return problems
     key = next((c for c in ID_COLUMNS if c in t.columns), None)
     if key is not None:
         problems += _key_problems(t, key)
@@ -626,7 +647,7 @@ def draw_regions(path: str | os.PathLike, item_id: str, out_png: str | os.PathLi
         raise InspectError(f"{p}: no 'boxes'/'mask' datasets: not a regions cache (have {', '.join(info.layout)})")
     row = info.ids.index(item_id)
     with h5py.File(info.path, "r") as f:
-        a = {k: np.asarray(f[k][row]) for k in ("boxes", "mask", "labels", "scores") if k in f}
+        a = {k: np.asarray(S.read_checked(info.path, f[k], row)) for k in ("boxes", "mask", "labels", "scores") if k in f}
 
     manifest = Path(images_manifest) if images_manifest else default_manifest(p if p.is_dir() else p.parent)
     if manifest is None:

@@ -7,17 +7,27 @@ that one item is one chunk read. Attributes: ``provenance`` (canonical JSON),
 (the caller's hash of model + weights + preprocessing + params + inputs), ``count`` and
 ``complete`` (written last). No timestamps: the same inputs give the same bytes.
 
-A shard counts as done only if it opens, is complete, holds ``count`` ids and its
-fingerprint matches; anything else (missing, truncated, foreign, stale) is recomputed.
+Contents are verified, not assumed: every dataset carries a ``sha256`` attribute (over its
+dtype, shape and bytes; for ``ids``, over the id list), and every numeric dataset is stored
+with HDF5 per-chunk Fletcher-32 checksums, so any read of a damaged chunk fails (reported
+as :class:`CorruptShardError`, naming the file and the dataset).
+
+A shard counts as done only if it opens, is complete, holds ``count`` ids, its
+fingerprint matches and every digest verifies; anything else (missing, truncated,
+foreign, stale, damaged, written before digests) is recomputed, and a shard that fails
+verification is named on stderr and in the run's stats.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +41,25 @@ _SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")
 _TMP_RE = re.compile(r"^\.shard-(\d{5,})\.h5\..+\.tmp$")
 _LIBVER = ("v110", "v110")  # fixed-array chunk index (O(1) chunk lookup); readable by HDF5 >= 1.10
 _STR = h5py.string_dtype("utf-8")
+DIGEST_ATTR = "sha256"  # per dataset: sha256 of its dtype, shape and bytes (ids: of the id list)
+BLOCK_BYTES = 64 << 20  # rows read at a time when a whole dataset is scanned
 
 
 class ShardError(RuntimeError):
     """A shard dir is missing, empty or inconsistent."""
+
+
+class CorruptShardError(ShardError):
+    """A shard's stored bytes fail their checksum or digest; ``dataset`` and ``detail`` say where and how."""
+
+    def __init__(self, message: str, dataset: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.dataset, self.detail = dataset, detail
+
+
+def _corrupt(path: str | os.PathLike, dataset: str, detail: str) -> CorruptShardError:
+    return CorruptShardError(f"{path}: dataset {dataset!r}: {detail}: the file is damaged; rerun the stage that "
+                             f"writes it (it rewrites every shard that fails verification)", dataset, detail)
 
 
 # ---- planning -------------------------------------------------------------------------
@@ -112,6 +137,94 @@ def shard_fingerprint(run_fingerprint: str, ids: Sequence[str], item_keys: Seque
     return hash_parts(*parts)
 
 
+# ---- content digests and checked reads ------------------------------------------------------
+
+def _attr_str(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def array_digest(a: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and C-order bytes: what ``write_shard`` stores per dataset."""
+    a = np.ascontiguousarray(a)
+    h = _hasher(a.dtype, a.shape)
+    h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _hasher(dtype: np.dtype, shape: tuple[int, ...]) -> Any:
+    return hashlib.sha256(f"{np.dtype(dtype).str}{tuple(int(n) for n in shape)}".encode())
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    return hash_parts("ids", list(ids))
+
+
+def read_checked(path: str | os.PathLike, ds: h5py.Dataset, sel: Any = (), what: str = "") -> np.ndarray:
+    """``ds[sel]``; a chunk failing its Fletcher-32 checksum raises :class:`CorruptShardError` naming file and dataset."""
+    try:
+        return ds[sel]
+    except OSError as e:
+        raise _corrupt(path, ds.name.lstrip("/"), f"cannot read{' ' + what if what else ''} ({e})") from e
+
+
+def read_ids(path: str | os.PathLike, ds: h5py.Dataset) -> list[str]:
+    """A shard's ``ids`` dataset, decoded."""
+    return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in read_checked(path, ds)]
+
+
+def row_blocks(path: str | os.PathLike, ds: h5py.Dataset) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, rows)`` of a dataset in blocks of about ``BLOCK_BYTES``, read with :func:`read_checked`."""
+    if ds.ndim == 0:
+        yield 0, read_checked(path, ds)
+        return
+    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for start in range(0, ds.shape[0], step):
+        yield start, read_checked(path, ds, slice(start, start + step), f"rows {start}..{start + step - 1}")
+
+
+def dataset_digest(path: str | os.PathLike, ds: h5py.Dataset,
+                   visit: Callable[[str, int, np.ndarray], None] | None = None) -> str:
+    """The digest of a stored dataset, read block by block (``visit(name, start, block)`` sees each numeric block)."""
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return _ids_digest(read_ids(path, ds))
+    h = _hasher(ds.dtype, ds.shape)
+    name = ds.name.lstrip("/")
+    for start, block in row_blocks(path, ds):
+        if visit is not None:
+            visit(name, start, block)
+        h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def verify_shard(path: str | os.PathLike, visit: Callable[[str, int, np.ndarray], None] | None = None) -> list[str]:
+    """What fails verification in one shard, one line per dataset ([]: every dataset matches its digest).
+
+    Reads every dataset once (Fletcher-32 checks each chunk on the way); ``visit`` as in
+    :func:`dataset_digest`, so a caller can scan the values in the same pass. Raises only
+    if the file cannot be opened.
+    """
+    p = Path(path)
+    problems = []
+    with h5py.File(p, "r") as f:
+        for name in f.keys():
+            ds = f[name]
+            if not isinstance(ds, h5py.Dataset):
+                problems.append(f"{name!r}: not a dataset")
+                continue
+            want = ds.attrs.get(DIGEST_ATTR)
+            try:
+                got = dataset_digest(p, ds, visit)
+            except CorruptShardError as e:
+                problems.append(f"dataset {e.dataset!r}: {e.detail}")
+                continue
+            if want is None:
+                problems.append(f"dataset {name!r}: no content digest (written before shards stored digests)")
+            elif _attr_str(want) != got:
+                problems.append(f"dataset {name!r}: content does not match its sha256 digest")
+    return problems
+
+
 # ---- writing ----------------------------------------------------------------------------
 
 def _check_arrays(ids: Sequence[str], arrays: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -156,17 +269,20 @@ def write_shard(
     run_fp = run_fingerprint or hash_parts("provenance", json.loads(prov_json))
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver=_LIBVER, track_order=False) as f:
-            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR, track_times=False)
+            ds = f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR, track_times=False)
+            ds.attrs[DIGEST_ATTR] = _ids_digest(ids)
             for name in sorted(arrays):
                 a = arrays[name]
                 kw: dict[str, Any] = {"track_times": False}
-                if a.size and (a.ndim >= 2 or compression):
+                if a.size:  # Fletcher-32 needs chunks: one item per chunk (a 1-D array: one chunk)
                     kw["chunks"] = (1, *a.shape[1:]) if a.ndim >= 2 else (a.shape[0],)
+                    kw["fletcher32"] = True
                     if compression:
                         kw["compression"] = compression
                         if compression_opts is not None:
                             kw["compression_opts"] = compression_opts
-                f.create_dataset(name, data=a, **kw)
+                ds = f.create_dataset(name, data=a, **kw)
+                ds.attrs[DIGEST_ATTR] = array_digest(a)
             f.attrs["provenance"] = prov_json
             f.attrs["fingerprint"] = str(fingerprint)
             f.attrs["run_fingerprint"] = run_fp
@@ -174,31 +290,88 @@ def write_shard(
             f.attrs["complete"] = True  # last: a file without it was not closed cleanly
 
 
-def _attr_str(v: Any) -> str:
-    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+def shard_status(path: str | os.PathLike, fingerprint: str) -> tuple[str, str]:
+    """``(state, why)`` of one shard: ``done``, ``missing``, ``stale`` (other fingerprint) or
+    ``failed`` (damaged, incomplete, unreadable or written before digests). Never raises.
 
-
-def shard_is_done(path: str | os.PathLike, fingerprint: str) -> bool:
-    """True only if ``path`` is a complete shard with this fingerprint. Never raises."""
+    ``done`` needs a complete shard with this fingerprint, ``count`` rows everywhere and
+    every dataset matching its stored digest (the whole shard is read once).
+    """
+    p = Path(path)
+    if not p.is_file():
+        return "missing", ""
     try:
-        p = Path(path)
-        if not p.is_file():
-            return False
         with h5py.File(p, "r") as f:
             a = f.attrs
             if not bool(a.get("complete", False)):
-                return False
+                return "failed", "not marked complete"
             if _attr_str(a.get("fingerprint", "")) != fingerprint:
-                return False
+                return "stale", ""
             count = int(a.get("count", -1))
-            if "ids" not in f or f["ids"].shape != (count,):
-                return False
-            return all(isinstance(f[k], h5py.Dataset) and f[k].shape[:1] == (count,) for k in f.keys())
-    except Exception:  # truncated, not HDF5, unreadable: not done
-        return False
+            if "ids" not in f:
+                return "failed", "no 'ids' dataset"
+            for k in f.keys():
+                if not isinstance(f[k], h5py.Dataset) or f[k].shape[:1] != (count,):
+                    return "failed", f"{k!r} does not hold the shard's {count} rows"
+            if any(DIGEST_ATTR not in f[k].attrs for k in f.keys()):
+                return "failed", "no content digest (written before shards stored digests)"
+        problems = verify_shard(p)
+    except Exception as e:  # truncated, not HDF5, unreadable
+        return "failed", f"cannot read ({type(e).__name__}: {e})"
+    return ("failed", "; ".join(problems)) if problems else ("done", "")
+
+
+def shard_is_done(path: str | os.PathLike, fingerprint: str) -> bool:
+    """True only if ``path`` is a complete shard with this fingerprint whose digests verify. Never raises."""
+    return shard_status(path, fingerprint)[0] == "done"
 
 
 # ---- the resumable driver -----------------------------------------------------------------
+
+@dataclass
+class ShardWork:
+    """One worker's shards: the plan, which to (re)write, and which of those failed verification."""
+
+    plan: list[list[str]]
+    selected: list[int]
+    todo: list[tuple[int, str]] = field(default_factory=list)  # (shard number, shard fingerprint)
+    failed: dict[str, str] = field(default_factory=dict)       # shard file name -> why it is rewritten
+    seconds: float = 0.0                                        # spent checking (reading + digests)
+
+    @property
+    def pending(self) -> list[list[str]]:
+        """The id lists of the shards to write, in order."""
+        return [self.plan[k] for k, _ in self.todo]
+
+
+def plan_work(
+    ids: Sequence[str],
+    size: int,
+    out_dir: str | os.PathLike,
+    fingerprint: str,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    item_keys: Mapping[str, str] | None = None,
+) -> ShardWork:
+    """Check each shard this worker owns once (:func:`shard_status`): done ones are skipped, the rest go
+    to ``todo``; one that fails verification is also named on stderr and in ``failed``."""
+    t0 = time.perf_counter()
+    plan = plan_shards(ids, size)
+    work = ShardWork(plan, select_shards(len(plan), shard_index, shard_count))
+    for k in work.selected:
+        keys = [item_keys[i] for i in plan[k]] if item_keys is not None else None
+        sfp = shard_fingerprint(fingerprint, plan[k], keys)
+        path = shard_path(out_dir, k)
+        state, why = shard_status(path, sfp)
+        if state == "done":
+            continue
+        work.todo.append((k, sfp))
+        if state == "failed":
+            work.failed[path.name] = why
+            print(f"shards: {path} fails verification ({why}); rewriting it", file=sys.stderr)
+    work.seconds = time.perf_counter() - t0
+    return work
+
 
 def run_shards(
     ids: Sequence[str],
@@ -214,23 +387,27 @@ def run_shards(
     item_keys: Mapping[str, str] | None = None,
     compression: str | None = None,
     compression_opts: int | None = None,
+    work: ShardWork | None = None,
 ) -> dict[str, Any]:
     """Compute and write every shard this worker owns that is not already done.
 
     ``fingerprint``: the caller's run fingerprint (model, weights sha, preprocessing,
     params); each shard adds its ids (and ``item_keys[id]``, e.g. a file hash, if given),
     so changing one id rewrites only its shard. ``compute(ids) -> {name: (len(ids), ...)}``.
-    Shard files beyond the plan are deleted (every worker; nobody writes there); temp
-    leftovers only when ``shard_count == 1`` (other workers may be writing theirs).
-    Returns stats: shards_total, shards_selected, shards_written, shards_skipped,
-    shards_deleted, items, seconds, items_per_s.
+    ``work``: the :func:`plan_work` of these same arguments, if the caller already made it
+    (each shard is then verified once). Shard files beyond the plan are deleted (every
+    worker; nobody writes there); temp leftovers only when ``shard_count == 1`` (other
+    workers may be writing theirs). Returns stats: shards_total, shards_selected,
+    shards_written, shards_skipped, shards_failed_verification (file -> why; rewritten),
+    verify_seconds (checking the existing shards), shards_deleted, items, seconds, items_per_s.
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_shards(ids, size)
-    selected = select_shards(len(plan), shard_index, shard_count)
+    if work is None:
+        work = plan_work(ids, size, out, fingerprint, shard_index, shard_count, item_keys)
+    plan = work.plan
 
     deleted = 0
     for p in shard_files(out):
@@ -241,21 +418,11 @@ def run_shards(
         for p in temp_leftovers(out):
             p.unlink(missing_ok=True)
 
-    todo: list[tuple[int, str]] = []
-    skipped = 0
-    for k in selected:
-        keys = [item_keys[i] for i in plan[k]] if item_keys is not None else None
-        sfp = shard_fingerprint(fingerprint, plan[k], keys)
-        if shard_is_done(shard_path(out, k), sfp):
-            skipped += 1
-        else:
-            todo.append((k, sfp))
-
     t0 = time.perf_counter()
     items = 0
-    with tqdm(total=sum(len(plan[k]) for k, _ in todo), desc=progress_desc, unit="item",
+    with tqdm(total=sum(len(plan[k]) for k, _ in work.todo), desc=progress_desc, unit="item",
               dynamic_ncols=True, mininterval=1.0) as bar:
-        for k, sfp in todo:
+        for k, sfp in work.todo:
             arrays = compute(list(plan[k]))
             write_shard(shard_path(out, k), plan[k], arrays, provenance, sfp, run_fingerprint=fingerprint,
                         compression=compression, compression_opts=compression_opts)
@@ -264,9 +431,11 @@ def run_shards(
     seconds = time.perf_counter() - t0
     return {
         "shards_total": len(plan),
-        "shards_selected": len(selected),
-        "shards_written": len(todo),
-        "shards_skipped": skipped,
+        "shards_selected": len(work.selected),
+        "shards_written": len(work.todo),
+        "shards_skipped": len(work.selected) - len(work.todo),
+        "shards_failed_verification": dict(sorted(work.failed.items())),
+        "verify_seconds": round(work.seconds, 3),
         "shards_deleted": deleted,
         "items": items,
         "seconds": round(seconds, 3),
@@ -315,7 +484,13 @@ class ShardReader:
                 with h5py.File(p, "r") as f:
                     if not bool(f.attrs.get("complete", False)):
                         raise ShardError(f"{p}: shard is incomplete (not marked complete); rerun its stage")
-                    ids = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in f["ids"][()]]
+                    ids = read_ids(p, f["ids"])
+                    undigested = [k for k in f.keys() if DIGEST_ATTR not in f[k].attrs]
+                    if undigested:
+                        raise ShardError(f"{p}: no content digest on {', '.join(undigested)} (written before shards "
+                                         f"stored digests); rerun the stage that writes it to rebuild it")
+                    if _attr_str(f["ids"].attrs[DIGEST_ATTR]) != _ids_digest(ids):
+                        raise _corrupt(p, "ids", "content does not match its sha256 digest")
                     run_fp = _attr_str(f.attrs.get("run_fingerprint", ""))
                     layout = {k: (f[k].shape[1:], f[k].dtype) for k in f.keys() if k != "ids"}
                     if s == 0:
@@ -401,17 +576,25 @@ class ShardReader:
         s, row = self._lookup(item_id)
         datasets = self._handle(s)[1]
         names = self.datasets if names is None else names
-        return {n: np.asarray(datasets[n][row]) for n in names}
+        what = f"row {row} (id {item_id!r})"
+        return {n: np.asarray(read_checked(self.files[s], datasets[n], row, what)) for n in names}
 
     def __getitem__(self, key: int | str) -> dict[str, np.ndarray]:
         """By id (str) or by position in ``ids`` (int); a map-style Dataset as is."""
         return self.get(self._ids[key] if isinstance(key, (int, np.integer)) else key)
 
     def read_all(self, name: str) -> np.ndarray:
-        """The whole dataset ``name`` in ``ids`` order, shape (len, ...)."""
+        """The whole dataset ``name`` in ``ids`` order, shape (len, ...); each shard's part is checked against its digest."""
         if name not in self.datasets:
             raise KeyError(f"{self.dir}: no dataset {name!r} (have: {', '.join(self.datasets)})")
-        return np.concatenate([self._handle(s)[1][name][()] for s in range(len(self.files))], axis=0)
+        parts = []
+        for s, path in enumerate(self.files):
+            ds = self._handle(s)[1][name]
+            a = read_checked(path, ds)
+            if array_digest(a) != _attr_str(ds.attrs[DIGEST_ATTR]):
+                raise _corrupt(path, name, "content does not match its sha256 digest")
+            parts.append(a)
+        return np.concatenate(parts, axis=0)
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -6,9 +6,16 @@ A row may hold ndarrays of any shape. Each array column ``name`` is stored as
 tool. At open, a :class:`FeatureTable` keeps the flat values, offsets and shapes of each
 array column, so reading one row by key is an O(1) slice. Floating arrays come back as
 float32. Provenance lives in the schema metadata (``pipeline.artifacts.write_parquet``).
+
+Contents are verified, not assumed: ``write_feature_table`` stores a sha256 of each
+column's values in the schema metadata (``content_sha256``), and :class:`FeatureTable`
+checks every column against it when it loads the file (it reads the whole table anyway),
+raising :class:`TableError` naming the file and the columns that differ.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,9 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import read_parquet_provenance, write_parquet
+from pipeline.artifacts import canonical_json, read_parquet_provenance, write_parquet
 
 SHAPE_SUFFIX = "_shape"
+DIGEST_KEY = b"content_sha256"  # schema metadata: JSON {column: sha256 of its values}
 
 
 class TableError(RuntimeError):
@@ -34,6 +42,63 @@ def _stage_hint(path: Path, stage: str | None) -> str:
 def _require(path: Path, stage: str | None) -> None:
     if not path.is_file():
         raise TableError(f"{path}: not found{_stage_hint(path, stage)}")
+
+
+def _require_digests(t: FeatureTable, stage: str | None) -> FeatureTable:
+    """A feature cache must carry digests: one written without them is refused, not trusted."""
+    if not t.digested:
+        raise TableError(f"{t.path}: no content digest (written before feature tables stored digests); "
+                         f"rebuild it{_stage_hint(t.path, stage)}")
+    return t
+
+
+# ---- content digests ------------------------------------------------------------------------
+
+def _hash_values(h: Any, a: pa.Array) -> None:
+    """Feed one column's values to ``h``, independent of chunking and slicing."""
+    t = a.type
+    if a.null_count:
+        h.update(b"json" + canonical_json(a.to_pylist()).encode("utf-8"))
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        offsets = np.asarray(a.offsets.to_numpy(), dtype=np.int64)
+        h.update(b"list" + np.diff(offsets).tobytes())
+        _hash_values(h, a.flatten())
+    elif pa.types.is_fixed_size_list(t):
+        h.update(f"fixed{t.list_size}".encode())
+        _hash_values(h, a.flatten())
+    elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        h.update(str(t).encode())
+        h.update(np.ascontiguousarray(a.to_numpy(zero_copy_only=False)).view(np.uint8))
+    else:
+        h.update(str(t).encode() + canonical_json(a.to_pylist()).encode("utf-8"))
+
+
+def table_digests(table: pa.Table) -> dict[str, str]:
+    """``{column: sha256 of its values}``: what ``write_feature_table`` stores and ``FeatureTable`` checks."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        h = hashlib.sha256()
+        _hash_values(h, col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
+        out[name] = h.hexdigest()
+    return out
+
+
+def stored_digests(schema: pa.Schema) -> dict[str, str] | None:
+    """The digests in a table's schema metadata, None if it was written without them."""
+    raw = (schema.metadata or {}).get(DIGEST_KEY)
+    return json.loads(raw) if raw else None
+
+
+def digest_problems(table: pa.Table) -> list[str]:
+    """Columns whose values do not match the stored digests ([] if all do, or none are stored)."""
+    want = stored_digests(table.schema)
+    if want is None:
+        return []
+    got = table_digests(table)
+    return [f"column {c!r}: " + ("missing" if c not in got else "not in the stored digests" if c not in want
+                                 else "content does not match its sha256 digest")
+            for c in sorted(set(want) | set(got)) if want.get(c) != got.get(c)]
 
 
 # ---- generic array columns ------------------------------------------------------------------
@@ -101,22 +166,31 @@ def write_feature_table(
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{path}: columns have different lengths {lengths}")
-    return write_parquet(pa.table(data), path, dict(provenance))
+    table = pa.table(data)
+    table = table.replace_schema_metadata({DIGEST_KEY: canonical_json(table_digests(table)).encode("utf-8")})
+    return write_parquet(table, path, dict(provenance))
 
 
 class FeatureTable:
     """A Parquet feature table in memory: scalar columns plus O(1) per-row arrays.
 
     ``key``: the id column; ``row(key)`` maps an id to its row (ids must be unique).
+    ``verify``: check the columns against the stored digests (a mismatch raises
+    :class:`TableError`); ``digested`` says whether the file has digests at all.
     """
 
-    def __init__(self, path: str | os.PathLike, key: str | None = None, stage: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, key: str | None = None, stage: str | None = None,
+                 verify: bool = True) -> None:
         self.path = Path(path)
         _require(self.path, stage)
         try:
             table = pq.read_table(self.path)
         except Exception as e:
             raise TableError(f"{self.path}: cannot read Parquet ({type(e).__name__}: {e}){_stage_hint(self.path, stage)}") from e
+        self.digested = stored_digests(table.schema) is not None
+        if verify and (bad := digest_problems(table)):
+            raise TableError(f"{self.path}: {'; '.join(bad)}: the file is damaged"
+                             f"{_stage_hint(self.path, stage) or '; rerun the stage that writes it'}")
         self.provenance: dict = read_parquet_provenance(self.path)
         self.num_rows = table.num_rows
         names = table.column_names
@@ -269,8 +343,8 @@ class TextFeatures:
         if not d.is_dir():
             raise TableError(f"{d}: text feature dir not found{_stage_hint(d, stage)}")
         self.dir = d
-        self._words = FeatureTable(d / WORDS_FILE, key="sample_id", stage=stage)
-        self._types = FeatureTable(d / TYPE_PROMPTS_FILE, key="type", stage=stage)
+        self._words = _require_digests(FeatureTable(d / WORDS_FILE, key="sample_id", stage=stage), stage)
+        self._types = _require_digests(FeatureTable(d / TYPE_PROMPTS_FILE, key="type", stage=stage), stage)
         if self._words.provenance != self._types.provenance:
             raise TableError(f"{d}: {WORDS_FILE} and {TYPE_PROMPTS_FILE} come from different runs "
                              f"(provenance differs); rerun `dvc repro {stage}`")
@@ -278,7 +352,7 @@ class TextFeatures:
         self._n_words = self._words.columns["n_words"]
         self._states: FeatureTable | None = None
         if (d / STATES_FILE).is_file():
-            self._states = FeatureTable(d / STATES_FILE, key="sample_id", stage=stage)
+            self._states = _require_digests(FeatureTable(d / STATES_FILE, key="sample_id", stage=stage), stage)
             if self._states.provenance != self.provenance:
                 raise TableError(f"{d}: {STATES_FILE} and {WORDS_FILE} come from different runs "
                                  f"(provenance differs); rerun `dvc repro {stage}`")
@@ -387,7 +461,7 @@ class CaptionFeatures:
         if not d.is_dir():
             raise TableError(f"{d}: caption feature dir not found{_stage_hint(d, stage)}")
         self.dir = d
-        t = FeatureTable(d / CAPTIONS_FILE, key="caption_id", stage=stage)
+        t = _require_digests(FeatureTable(d / CAPTIONS_FILE, key="caption_id", stage=stage), stage)
         self._table = t
         self.provenance: dict = t.provenance
         self.caption_ids: list[str] = t.keys
