@@ -4,6 +4,7 @@ import pytest
 
 from pipeline.retrieval.rerank import (
     EgrWeights,
+    egr_from_embeddings,
     egr_order,
     egr_t2i_from_embeddings,
     egr_rerank,
@@ -125,7 +126,7 @@ def test_slot_scores_match_loops():
     mask = unit(rng.standard_normal((5, 3, 8))).astype(np.float32)
     prm = unit(rng.standard_normal((5, 3, 8))).astype(np.float32)
     cand_t = rng.integers(0, 7, (5, 4))
-    m, p = t2i_slot_scores(img, cand_t, mask, prm, batch_size=2)
+    m, p = t2i_slot_scores(img, cand_t, mask, prm)
     for q in range(5):
         for k in range(4):
             for j in range(3):
@@ -142,7 +143,7 @@ def test_slot_scores_match_loops():
                 assert p[q, k, j] == pytest.approx(0.0 if c < 0 else float(prm[c, j] @ img[q]), abs=1e-6)
 
 
-def test_fast_t2i_path_equals_per_slot_formula():
+def test_t2i_from_embeddings_equals_per_slot_formula_bitwise():
     rng = np.random.default_rng(5)
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
     img = unit(rng.standard_normal((30, 16))).astype(np.float32)
@@ -156,11 +157,72 @@ def test_fast_t2i_path_equals_per_slot_formula():
         counted = slot_mask(n_ent, 4, pad)
         m, p = t2i_slot_scores(img, cand, mask, prm)
         ref_S, ref_S1 = egr_scores("t2i", s, m, p, counted[:, None, :])
-        S, S1 = egr_t2i_from_embeddings(img, cand, s, mask, prm, counted)
+        S, S1 = egr_t2i_from_embeddings(img, cand, s, mask, prm, counted, batch_size=5)  # 3 batches
         ok = cand >= 0
-        np.testing.assert_allclose(S[ok], ref_S[ok], atol=1e-6)
-        np.testing.assert_allclose(S1[ok], ref_S1[ok], atol=1e-6)
+        np.testing.assert_array_equal(S[ok], ref_S[ok])
+        np.testing.assert_array_equal(S1[ok], ref_S1[ok])
         np.testing.assert_array_equal(egr_order(S, S1, s, ok), egr_order(ref_S, ref_S1, s, ok))
+
+
+def test_duplicates_get_bit_equal_slot_cosines_in_any_pool_count():
+    # caption 3 is in every image's pool, its copy 29 in one: their cosines come from groups of
+    # 40 and of 1 pairs; image 5 and its copy 0 sit at other places and in other t2i batches
+    rng = np.random.default_rng(0)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    for dim in (16, 512):
+        img = unit(rng.standard_normal((40, dim)))
+        img[0] = img[5]
+        mask, prm = unit(rng.standard_normal((30, 10, dim))), unit(rng.standard_normal((30, 10, dim)))
+        mask[29], prm[29] = mask[3], prm[3]
+        cand = np.stack([rng.permutation(np.arange(4, 29))[:12] for _ in range(40)])
+        cand[:, 0] = 3
+        cand[7, 5] = 29
+        m, p = i2t_slot_scores(img, cand, mask, prm)
+        np.testing.assert_array_equal(m[7, 5], m[7, 0])
+        np.testing.assert_array_equal(p[7, 5], p[7, 0])
+        s = rng.random((40, 12))
+        s[7, 5] = s[7, 0]
+        S, S1 = egr_scores("i2t", s, m, p, np.ones((1, 1, 10), bool))
+        assert S[7, 5] == S[7, 0] and S1[7, 5] == S1[7, 0]
+        S_b, S1_b = egr_from_embeddings("i2t", img, cand, s, mask, prm, np.ones((30, 10), bool), batch_size=3)
+        np.testing.assert_array_equal(S_b, S)  # batches of 3 images: other groups, same bits
+        np.testing.assert_array_equal(S1_b, S1)
+        t_cand = rng.integers(1, 40, (30, 12))
+        t_cand[2, 3], t_cand[2, 11], t_cand[25, 0] = 5, 0, 0
+        s_t = np.full((30, 12), 0.5)
+        S, S1 = egr_t2i_from_embeddings(img, t_cand, s_t, mask, prm, np.ones((30, 10), bool), batch_size=4)
+        assert S[2, 3] == S[2, 11] and S1[2, 3] == S1[2, 11]
+        m, p = t2i_slot_scores(img, t_cand, mask, prm)
+        np.testing.assert_array_equal(m[2, 3], m[2, 11])
+        np.testing.assert_array_equal(p[2, 3], p[2, 11])
+
+
+def test_t2i_equal_S_and_S1_fall_to_s_then_pool_order():
+    # One query caption, 10 slots (AGREE's padding count), dyadic weights: every value below is
+    # exact, so A and B tie exactly on S and on S1 while s differs. Summing the prompt vectors
+    # first and dividing by 10 rounds A's and B's prompt means differently and used to put B first.
+    w = EgrWeights(t2i_s=0.875, t2i_mask=0.125, t2i_s1=0.96875, t2i_prompt=0.03125)
+    dim = 13  # 0: s; 1-10: the masked captions; 11, 12: the prompts (vectors need not be unit here)
+    mask = np.zeros((1, 10, dim), np.float32)
+    mask[0, np.arange(10), 1 + np.arange(10)] = 1
+    prm = np.zeros((1, 10, dim), np.float32)
+    prm[0, :9, 11] = 1  # p_j = image[11] for slots 0-8
+    prm[0, 9, 12] = 1   # p_9 = image[12]
+    A = np.zeros(dim, np.float32)
+    A[[0, 11]] = 0.5, 0.125  # s = 1/2, m = (1/2 x 8, 1/8 x 2), p = (1/8 x 9, 0)
+    A[1:9], A[9:11] = 0.5, 0.125
+    B = np.zeros(dim, np.float32)
+    B[[0, 12]] = 0.25, 1.125  # s = 1/4, m = 0, p = (0 x 9, 9/8)
+    img = np.stack([B, A, B])  # pool order B, A, B' (B' a copy of B)
+    cand = np.array([[0, 1, 2]])
+    s = np.array([[0.25, 0.5, 0.25]])
+    # S1_A = 7/8 * 1/2 + 1/8 * (2 * 3/8) = 17/32 = 7/8 * 1/4 + 1/8 * (10 * 1/4) = S1_B ; p_A = p_B = 9/80
+    S, S1 = egr_t2i_from_embeddings(img, cand, s, mask, prm, np.ones((1, 10), bool), w)
+    assert S1.tolist() == [[17 / 32] * 3]
+    assert S[0, 0] == S[0, 1] == S[0, 2]
+    ref_S, ref_S1 = egr_scores("t2i", s, *t2i_slot_scores(img, cand, mask, prm), np.ones((1, 1, 10), bool), w)
+    np.testing.assert_array_equal(S, ref_S)
+    assert np.take_along_axis(cand, egr_order(S, S1, s), 1).tolist() == [[1, 0, 2]]  # by s, then pool order
 
 
 # ---- TBR ----------------------------------------------------------------------------------

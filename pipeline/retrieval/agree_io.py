@@ -6,7 +6,9 @@ Predictions (one line per query, best first)::
     {"image_id": "9", "item_ids": [8, 12, ...]}         # image to text: an image's captions
 
 Ids are kept as strings inside the pipeline and written back in the JSON type AGREE used
-(meta.json of the prepared dataset: ``query_id_type``, ``image_id_type``, "int" or "str").
+(meta.json of the prepared dataset: ``query_id_type``, ``image_id_type``, "int" or "str"),
+one type per kind of id across both files (:func:`prediction_id_types`). A query with an
+empty ``item_ids`` list is never written: AGREE's scripts read ``item_ids[0]``.
 Result (recalls in percent)::
 
     {"success": true, "score": mean, "scoreJson": {"score": mean, "mean_recall": mean,
@@ -38,7 +40,8 @@ def load_id_types(meta_path: str | os.PathLike) -> dict[str, str]:
     ``image_id_type``); item ids the type the ground-truth files use for their
     ``item_ids`` (``text_item_id_type``, ``image_item_id_type``, falling back to the
     other file's id type), so AGREE's evaluation compares like with like. An absent
-    or ``mixed`` type is written as str.
+    or ``mixed`` type is written as str. Prediction files take these through
+    :func:`prediction_id_types`.
     """
     p = Path(meta_path)
     try:
@@ -59,6 +62,20 @@ def load_id_types(meta_path: str | os.PathLike) -> dict[str, str]:
 
     return {"t2i_query": typ("query_id_type"), "t2i_item": typ("text_item_id_type", "image_id_type"),
             "i2t_query": typ("image_id_type"), "i2t_item": typ("image_item_id_type", "query_id_type")}
+
+
+def prediction_id_types(types: Mapping[str, str]) -> dict[str, str]:
+    """The id types to write both prediction files with: one per kind of id, str if either is str.
+
+    ``types`` as :func:`load_id_types` gives them. Image ids are the t2i items and the i2t
+    queries, caption ids the t2i queries and the i2t items. AGREE's TBR script
+    (eval_back_retrieval.py) looks each item id of one file up as a query id of the other,
+    so both files must spell an id alike; its scoring accepts str ids against int ground
+    truth (it converts them), never int ids against str.
+    """
+    image = "int" if types["t2i_item"] == types["i2t_query"] == "int" else "str"
+    caption = "int" if types["t2i_query"] == types["i2t_item"] == "int" else "str"
+    return {"t2i_query": caption, "t2i_item": image, "i2t_query": image, "i2t_item": caption}
 
 
 def to_json_id(item_id: str, typ: str, where: str = "") -> int | str:
@@ -85,7 +102,8 @@ def write_predictions(path: str | os.PathLike, direction: str, lists: Iterable[t
     """Write (query id, ranked item ids) pairs as AGREE prediction JSON lines (atomically).
 
     direction ``t2i``: lines ``{"query_id": caption, "item_ids": [images]}``;
-    ``i2t``: ``{"image_id": image, "item_ids": [captions]}``.
+    ``i2t``: ``{"image_id": image, "item_ids": [captions]}``. An empty item list is an error
+    (nothing is written): AGREE's scripts cannot read it.
     """
     key = KEYS[direction]
     with atomic_path(path) as tmp:
@@ -93,6 +111,11 @@ def write_predictions(path: str | os.PathLike, direction: str, lists: Iterable[t
             for qid, items in lists:
                 line = {key: to_json_id(qid, query_type, str(path)),
                         "item_ids": [to_json_id(i, item_type, str(path)) for i in items]}
+                if not line["item_ids"]:
+                    raise AgreeFormatError(
+                        f"{path}: {key} {qid!r} has no candidates (an empty item_ids list, which AGREE's scripts "
+                        "cannot read); its retrieval pool is empty: the gallery is empty, or an approximate index "
+                        "found nothing for it (raise retrieval.nprobe / retrieval.ef_search)")
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return Path(path)
 
@@ -169,5 +192,5 @@ def read_result(path: str | os.PathLike) -> dict[str, float]:
         raise AgreeFormatError(f"{p}: not an AGREE result JSON ({type(e).__name__}: {e})") from None
 
 
-__all__ = ["AgreeFormatError", "KEYS", "load_id_types", "to_json_id", "write_predictions", "read_jsonl",
-           "read_id_lists", "read_predictions", "result_json", "write_result", "read_result"]
+__all__ = ["AgreeFormatError", "KEYS", "load_id_types", "prediction_id_types", "to_json_id", "write_predictions",
+           "read_jsonl", "read_id_lists", "read_predictions", "result_json", "write_result", "read_result"]

@@ -2,9 +2,12 @@
 
 Vectors are L2-normalised to float32 first, so every score is a plain cosine. Results
 come back as ``(scores (Q, k) float32, ids (Q, k) int64)``, best first; among equal
-scores the smaller gallery row comes first (FAISS leaves that order open), and slots an
-approximate index could not fill hold id -1 and score -inf. An approximate index is
-checked against exact search with :func:`recall_vs_exact`.
+scores the smaller gallery row comes first, as a stable argsort of -scores over the whole
+gallery would give (AGREE's order). FAISS leaves both open: the order of equal scores and
+which of the items tied at the k-th score it returns; :meth:`VectorIndex.search` fetches
+past the k-th score until the ties end, then cuts. Slots an approximate index could not
+fill hold id -1 and score -inf. An approximate index is checked against exact search
+with :func:`recall_vs_exact`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 
 KINDS = ("flat", "ivf", "hnsw")
 BLAS_DATABASE_BLOCK = 16384  # gallery rows per BLAS block in exact search (FAISS's default: 1024)
+TIE_FETCH = 8  # extra results fetched per query, to see whether ties run past the k-th score
 
 
 def _cpu_coretype() -> str | None:
@@ -167,7 +171,11 @@ class VectorIndex:
 
     def search(self, queries: np.ndarray, k: int, batch_size: int = 1024,
                progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` (cut to the gallery size) per query: (scores (Q, k) float32, ids (Q, k) int64)."""
+        """Top ``k`` (cut to the gallery size) per query: (scores (Q, k) float32, ids (Q, k) int64).
+
+        Items tied at the k-th score are all fetched (see :meth:`_search_ties`), so the
+        smallest gallery rows among them are the ones kept.
+        """
         q = l2_normalize(queries, "queries") if self.normalize else np.ascontiguousarray(queries, np.float32)
         if q.shape[1] != self.gallery.shape[1]:
             raise ValueError(f"queries have dim {q.shape[1]}, the gallery {self.gallery.shape[1]}")
@@ -186,12 +194,32 @@ class VectorIndex:
             bar = tqdm(total=q.shape[0], desc=progress, unit="query", mininterval=1.0, dynamic_ncols=True)
         for s in starts:
             e = min(s + int(batch_size), q.shape[0])
-            d_, i_ = self.index.search(q[s:e], k)
-            scores[s:e], ids[s:e] = _tie_order(d_, i_)
+            scores[s:e], ids[s:e] = self._search_ties(q[s:e], k)
             if bar is not None:
                 bar.update(e - s)
         if bar is not None:
             bar.close()
+        return scores, ids
+
+    def _search_ties(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of queries ``q`` (B, D) in (score desc, row asc) order, exact on ties.
+
+        Fetches ``k + TIE_FETCH``; a query whose last fetched score still equals its k-th
+        score may have more items tied there, so it is searched again with twice as many,
+        until its ties end or the whole gallery is fetched.
+        """
+        n = self.ntotal
+        scores = np.empty((q.shape[0], k), np.float32)
+        ids = np.empty((q.shape[0], k), np.int64)
+        rows = np.arange(q.shape[0])  # queries still open
+        fetch = min(k + TIE_FETCH, n)
+        while rows.size:
+            d, i = _tie_order(*self.index.search(q[rows], fetch))  # (R, fetch)
+            more = (fetch < n) & (i[:, -1] >= 0) & (d[:, -1] == d[:, k - 1])  # (R,)
+            done = rows[~more]
+            scores[done], ids[done] = d[~more, :k], i[~more, :k]
+            rows = rows[more]
+            fetch = min(2 * fetch, n)
         return scores, ids
 
 

@@ -14,9 +14,13 @@ cos(masked caption j, image), p_j = cos(prompt j, image), over the counted slots
 
 The pool (the first ``pool`` candidates by s) is sorted by S descending; ties keep the order
 by S1, then by s, then the pool order (one stable lexsort); the top ``top_k`` are kept.
-:func:`egr_scores` is the per-slot reference; :func:`rerank_all` computes the t2i terms with
-:func:`egr_t2i_from_embeddings` (the same sums, taken over the slot vectors first: 2 dot
-products per candidate instead of 2 S; equal up to float rounding, checked by a test).
+
+Exact ties. Duplicate captions or images make exact ties, which AGREE's stable sorts
+resolve by position; so equal inputs must give bit-equal scores. Every (caption, image)
+pair's slot cosines come from one product of one fixed shape (:func:`slot_cosines`),
+never from a GEMM whose rounding depends on the matrix size and the item's place in it;
+the formulas are then applied per slot, in float64, in the order written above (summing
+the slot vectors first is algebraically the same but rounds differently).
 
 Counted slots (``pad``): ``agree`` counts all S slots, the "" padding included, as AGREE
 does; ``entities`` counts only the first min(n_entities, S) slots. A caption with no
@@ -91,7 +95,8 @@ def egr_scores(direction: str, s: np.ndarray, m: np.ndarray, p: np.ndarray, coun
 
     s (Q, K) caption-image cosines; m, p (Q, K, S) masked-caption / prompt cosines per slot;
     counted: bool, broadcastable to (Q, K, S) (t2i: (Q, 1, S) from the query caption;
-    i2t: (Q, K, S) from each candidate caption). Float64 arithmetic, ``chunk`` rows at a time.
+    i2t: (Q, K, S) from each candidate caption). Float64 arithmetic, ``chunk`` rows at a time;
+    equal inputs give bit-equal scores.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be t2i or i2t, got {direction!r}")
@@ -106,7 +111,8 @@ def egr_scores(direction: str, s: np.ndarray, m: np.ndarray, p: np.ndarray, coun
         sc, c = s[a:b], c_all[a:b]
         n = c.sum(-1)  # (B, K) counted slots
         diff = sc[..., None] - m[a:b].astype(np.float64)  # (B, K, S)
-        p_sum = np.where(c, p[a:b], 0).sum(-1, dtype=np.float64)
+        # sums over the slot axis of contiguous float64 arrays: one summation order for every row
+        p_sum = np.where(c, p[a:b].astype(np.float64), 0.0).sum(-1)
         p_mean = np.divide(p_sum, n, out=sc.copy(), where=n > 0)  # no counted slot: p := s
         if direction == "t2i":
             s1 = w.t2i_s * sc + w.t2i_mask * np.where(c, diff, 0.0).sum(-1)
@@ -145,9 +151,8 @@ def plain_lists(cand: np.ndarray, s: np.ndarray, top_k: int) -> np.ndarray:
 # ---- per-slot cosines from embeddings -----------------------------------------------------
 
 def _one_blas_thread():
-    """Context: single-threaded BLAS. The slot scores are many small GEMMs, for which
-    OpenBLAS's thread hand-off costs more than it saves (10x slower with 2 threads on a
-    loaded 2-core machine). Uses threadpoolctl when installed, else changes nothing."""
+    """Context: single-threaded BLAS (many small products, for which OpenBLAS's thread
+    hand-off costs more than it saves). Uses threadpoolctl when installed."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
@@ -157,92 +162,102 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def t2i_slot_scores(image_emb: np.ndarray, cand: np.ndarray, mask_q: np.ndarray, prompt_q: np.ndarray,
-                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """m, p (Q, K, S) float32 for caption queries.
+def slot_cosines(image_emb: np.ndarray, mask_emb: np.ndarray, prompt_emb: np.ndarray,
+                 img_rows: np.ndarray, cap_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """m, p (P, S) float32 for P (image, caption) pairs: cos(image, masked caption j / prompt j).
 
-    image_emb (Ni, D) unit rows; cand (Q, K) image rows (-1: empty, scored 0);
+    image_emb (Ni, D); mask_emb, prompt_emb (Nc, S, D); img_rows, cap_rows (P,) the pairs.
+    Every pair is one matrix-vector product of one shape, the caption's (2S, D) slot matrix
+    times the image vector, so a pair gets the same bits wherever it sits and however many
+    pairs share its caption (a GEMM over several images rounds by the image's place in the
+    matrix and by the matrix size). float32, like the cosines s of the retrieval pools.
+    Pairs are grouped by caption.
+    """
+    img_rows, cap_rows = np.asarray(img_rows, np.int64), np.asarray(cap_rows, np.int64)
+    P, S = img_rows.size, mask_emb.shape[1]
+    out = np.empty((P, 2 * S), np.float32)
+    order = np.argsort(cap_rows, kind="stable")
+    caps = cap_rows[order]
+    starts = np.flatnonzero(np.r_[True, caps[1:] != caps[:-1]]) if P else np.zeros(0, np.int64)
+    with _one_blas_thread():
+        for a, b in zip(starts.tolist(), np.r_[starts[1:], P].tolist()):
+            pos = order[a:b]
+            w = np.concatenate([mask_emb[caps[a]], prompt_emb[caps[a]]]).astype(np.float32)  # (2S, D)
+            g = image_emb[img_rows[pos]].astype(np.float32, copy=False)  # (n, D)
+            out[pos] = np.matmul(w, g[:, :, None])[..., 0]  # n x [(2S, D) @ (D, 1)] -> (n, 2S)
+    return out[:, :S], out[:, S:]
+
+
+def _pool_slot_cosines(img_rows: np.ndarray, cap_rows: np.ndarray, image_emb: np.ndarray, mask_emb: np.ndarray,
+                       prompt_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """m, p (Q, K, S) float32 for pools given as (Q, K) image and caption rows (-1: empty, scored 0)."""
+    Q, K = img_rows.shape
+    S = mask_emb.shape[1]
+    m = np.zeros((Q * K, S), np.float32)
+    p = np.zeros((Q * K, S), np.float32)
+    ok = np.flatnonzero((img_rows >= 0).reshape(-1) & (cap_rows >= 0).reshape(-1))
+    m[ok], p[ok] = slot_cosines(image_emb, mask_emb, prompt_emb, img_rows.reshape(-1)[ok], cap_rows.reshape(-1)[ok])
+    return m.reshape(Q, K, S), p.reshape(Q, K, S)
+
+
+def t2i_slot_scores(image_emb: np.ndarray, cand: np.ndarray, mask_q: np.ndarray,
+                    prompt_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """m, p (Q, K, S) float32 for caption queries (see :func:`slot_cosines`).
+
+    image_emb (Ni, D); cand (Q, K) image rows (-1: empty, scored 0);
     mask_q, prompt_q (Q, S, D) the query captions' masked-caption / prompt embeddings.
     """
-    Q, K = cand.shape
-    S = mask_q.shape[1]
-    m = np.zeros((Q, K, S), np.float32)
-    p = np.zeros((Q, K, S), np.float32)
-    with _one_blas_thread():
-        for a in range(0, Q, batch_size):
-            b = min(a + batch_size, Q)
-            g = image_emb[np.maximum(cand[a:b], 0)]  # (B, K, D)
-            # contiguous (B, D, 2S) operand: numpy's batched matmul uses BLAS only for such (~50x)
-            w = np.ascontiguousarray(np.concatenate([mask_q[a:b], prompt_q[a:b]], 1).transpose(0, 2, 1))
-            r = np.matmul(g, w)  # (B, K, 2S)
-            m[a:b] = r[..., :S]
-            p[a:b] = r[..., S:]
-    empty = cand < 0
-    m[empty] = 0.0
-    p[empty] = 0.0
-    return m, p
-
-
-def egr_t2i_from_embeddings(image_emb: np.ndarray, cand: np.ndarray, s: np.ndarray, mask_q: np.ndarray,
-                            prompt_q: np.ndarray, counted_q: np.ndarray, w: EgrWeights = EgrWeights(),
-                            batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """EGR t2i scores (S, S1) (Q, K) straight from embeddings, without per-slot cosines.
-
-    The t2i terms are linear in the slots: sum_J (s - m_j) = n s - (sum_J mask_j) . image and
-    mean_J p_j = (mean_J prompt_j) . image, so each candidate costs 2 dot products instead of
-    2 S. Same formulas as :func:`egr_scores` (equal up to float rounding; a test checks it).
-    counted_q (Q, S) bool; cand (Q, K) image rows (-1: empty).
-    """
-    s = np.asarray(s, np.float64)
-    cq = np.asarray(counted_q, bool)
-    n = cq.sum(1).astype(np.float64)  # (Q,)
-    msum = np.einsum("qs,qsd->qd", cq.astype(np.float64), mask_q)  # (Q, D)
-    pmean = np.einsum("qs,qsd->qd", cq.astype(np.float64), prompt_q) / np.maximum(n, 1)[:, None]
-    v = np.ascontiguousarray(np.stack([msum, pmean], 2).astype(np.float32))  # (Q, D, 2)
-    Q, K = cand.shape
-    r = np.zeros((Q, K, 2), np.float64)
-    bs = max(1, min(batch_size, Q))
-    buf = np.empty((bs, K, image_emb.shape[1]), image_emb.dtype)  # reused: no page faults per batch
-    with _one_blas_thread():
-        for a in range(0, Q, bs):
-            b = min(a + bs, Q)
-            g = np.take(image_emb, np.maximum(cand[a:b], 0), axis=0, out=buf[:b - a])  # (B, K, D)
-            r[a:b] = np.matmul(g, v[a:b])  # (B, K, D) @ (B, D, 2)
-    mask_term = n[:, None] * s - r[..., 0]
-    p_mean = np.where(n[:, None] > 0, r[..., 1], s)  # no counted slot: p := s
-    s1 = w.t2i_s * s + w.t2i_mask * mask_term
-    return w.t2i_s1 * s1 + w.t2i_prompt * p_mean, s1
+    cand = np.asarray(cand)
+    caps = np.broadcast_to(np.arange(cand.shape[0])[:, None], cand.shape)
+    return _pool_slot_cosines(cand, caps, image_emb, mask_q, prompt_q)
 
 
 def i2t_slot_scores(image_q: np.ndarray, cand: np.ndarray, mask_emb: np.ndarray,
                     prompt_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """m, p (Q, K, S) float32 for image queries.
+    """m, p (Q, K, S) float32 for image queries (see :func:`slot_cosines`).
 
-    image_q (Q, D) the query images (unit rows); cand (Q, K) caption rows (-1: empty, scored 0);
-    mask_emb, prompt_emb (Nc, S, D) every caption's slot embeddings. The (image, caption)
-    pairs are grouped by caption, so each caption's S slots meet all images that hold it
-    in one small GEMM: only the needed dot products, and one image row gathered per pair
-    instead of 2 S slot rows.
+    image_q (Q, D) the query images; cand (Q, K) caption rows (-1: empty, scored 0);
+    mask_emb, prompt_emb (Nc, S, D) every caption's slot embeddings.
     """
+    cand = np.asarray(cand)
+    imgs = np.broadcast_to(np.arange(cand.shape[0])[:, None], cand.shape)
+    return _pool_slot_cosines(imgs, cand, image_q, mask_emb, prompt_emb)
+
+
+def egr_from_embeddings(direction: str, image_emb: np.ndarray, cand: np.ndarray, s: np.ndarray,
+                        mask_emb: np.ndarray, prompt_emb: np.ndarray, counted: np.ndarray,
+                        w: EgrWeights = EgrWeights(), batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """EGR scores (S, S1) (Q, K) float64 from embeddings, ``batch_size`` queries at a time.
+
+    cand, s (Q, K) the pools. t2i: image_emb (Ni, D) the gallery; mask_emb, prompt_emb
+    (Q, S, D) and counted (Q, S) bool of the query captions. i2t: image_emb (Q, D) the query
+    images; mask_emb, prompt_emb (Nc, S, D) and counted (Nc, S) of every caption.
+    Memory stays flat: per batch, m and p are (batch, K, S).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be t2i or i2t, got {direction!r}")
+    cand = np.asarray(cand)
+    counted = np.asarray(counted, bool)
     Q, K = cand.shape
-    S = mask_emb.shape[1]
-    m = np.zeros((Q * K, S), np.float32)
-    p = np.zeros((Q * K, S), np.float32)
-    flat = cand.reshape(-1)
-    pairs = np.flatnonzero(flat >= 0)  # positions in (Q*K)
-    order = pairs[np.argsort(flat[pairs], kind="stable")]  # grouped by caption
-    caps = flat[order]
-    starts = np.flatnonzero(np.r_[True, caps[1:] != caps[:-1]]) if caps.size else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], caps.size]
-    with _one_blas_thread():
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            c = caps[a]
-            pos = order[a:b]
-            w = np.ascontiguousarray(np.concatenate([mask_emb[c], prompt_emb[c]]).T)  # (D, 2S), BLAS-friendly
-            r = image_q[pos // K] @ w  # (n_c, D) @ (D, 2S)
-            m[pos] = r[:, :S]
-            p[pos] = r[:, S:]
-    return m.reshape(Q, K, S), p.reshape(Q, K, S)
+    S_out, S1_out = np.empty((Q, K)), np.empty((Q, K))
+    bs = max(1, int(batch_size))
+    for a in range(0, Q, bs):
+        b = min(a + bs, Q)
+        if direction == "t2i":
+            m, p = t2i_slot_scores(image_emb, cand[a:b], mask_emb[a:b], prompt_emb[a:b])
+            c = counted[a:b, None, :]  # (B, 1, S)
+        else:
+            m, p = i2t_slot_scores(image_emb[a:b], cand[a:b], mask_emb, prompt_emb)
+            c = counted[np.maximum(cand[a:b], 0)]  # (B, K, S)
+        S_out[a:b], S1_out[a:b] = egr_scores(direction, s[a:b], m, p, c, w)
+    return S_out, S1_out
+
+
+def egr_t2i_from_embeddings(image_emb: np.ndarray, cand: np.ndarray, s: np.ndarray, mask_q: np.ndarray,
+                            prompt_q: np.ndarray, counted_q: np.ndarray, w: EgrWeights = EgrWeights(),
+                            batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`egr_from_embeddings` for t2i (the name bench/retrieval.py uses)."""
+    return egr_from_embeddings("t2i", image_emb, cand, s, mask_q, prompt_q, counted_q, w, batch_size)
 
 
 # ---- TBR ----------------------------------------------------------------------------------
@@ -298,7 +313,7 @@ def rerank_all(
     t2i_cand: np.ndarray, t2i_s: np.ndarray, i2t_cand: np.ndarray, i2t_s: np.ndarray,
     image_emb: np.ndarray, mask_emb: np.ndarray, prompt_emb: np.ndarray, n_entities: np.ndarray,
     *, top_k: int = 20, pool: int = 128, pad: str = "agree", weights: EgrWeights = EgrWeights(),
-    absent_rank: int = 10000, batch_size: int = 16, timings: dict | None = None,
+    absent_rank: int = 10000, batch_size: int = 1024, timings: dict | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Plain, EGR, TBR and EGR+TBR lists for both directions: ``{method: {direction: (Q, <=top_k)}}``.
 
@@ -326,11 +341,9 @@ def rerank_all(
 
     t0 = time.perf_counter()
     counted = slot_mask(n_entities, mask_emb.shape[1], pad)  # (Nc, S)
-    S_, S1 = egr_t2i_from_embeddings(image_emb, t2i_cand, t2i_s, mask_emb, prompt_emb, counted, weights, batch_size)
-    out["egr"]["t2i"] = np.take_along_axis(t2i_cand, egr_order(S_, S1, t2i_s, t2i_cand >= 0), 1)[:, :top_k]
-    m, p = i2t_slot_scores(image_emb, i2t_cand, mask_emb, prompt_emb)
-    out["egr"]["i2t"] = egr_rerank("i2t", i2t_cand, i2t_s, m, p, counted[np.maximum(i2t_cand, 0)], top_k, weights)
-    del m, p
+    for d, cand, s in (("t2i", t2i_cand, t2i_s), ("i2t", i2t_cand, i2t_s)):
+        S_, S1 = egr_from_embeddings(d, image_emb, cand, s, mask_emb, prompt_emb, counted, weights, batch_size)
+        out["egr"][d] = np.take_along_axis(cand, egr_order(S_, S1, s, cand >= 0), 1)[:, :top_k]
     t["egr_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

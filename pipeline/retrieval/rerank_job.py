@@ -3,7 +3,9 @@
 Output dir (predictions/<ds>/retrieval/): for each method in plain, egr, tbr, egr_tbr
 ``texts_<method>.jsonl`` (text to image: ``{"query_id", "item_ids"}``) and
 ``images_<method>.jsonl`` (image to text: ``{"image_id", "item_ids"}``), ids in their
-original JSON types, lists cut to ``rerank.top_k``; ``provenance.json`` (no timings).
+original JSON types (one type per kind of id in both files, see
+:func:`~pipeline.retrieval.agree_io.prediction_id_types`), lists cut to ``rerank.top_k``;
+``provenance.json`` (no timings).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import write_json
-from pipeline.retrieval.agree_io import write_predictions
+from pipeline.retrieval.agree_io import prediction_id_types, write_predictions
 from pipeline.retrieval.data import RetrievalSet
 from pipeline.retrieval.rerank import METHODS, EgrWeights, rerank_all
 from pipeline.retrieval.retrieve_job import read_pool
@@ -32,7 +34,10 @@ def prediction_path(out_dir: str | os.PathLike, direction: str, method: str) -> 
 def run_rerank(rs: RetrievalSet, pool_dir: str | os.PathLike, params: Mapping[str, Any],
                id_types: Mapping[str, str], out_dir: str | os.PathLike,
                provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """Re-rank the retrieved pools of ``rs`` and write the eight AGREE prediction files."""
+    """Re-rank the retrieved pools of ``rs`` and write the eight AGREE prediction files.
+
+    ``id_types`` as :func:`~pipeline.retrieval.agree_io.load_id_types` gives them.
+    """
     pool_dir = Path(pool_dir)
     t0 = time.perf_counter()
     t2i_c, t2i_s, prov_t = read_pool(pool_dir / "t2i.parquet", rs.caption_ids, rs.image_ids,
@@ -59,6 +64,7 @@ def run_rerank(rs: RetrievalSet, pool_dir: str | os.PathLike, params: Mapping[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sides = {"t2i": (rs.caption_ids, rs.image_ids), "i2t": (rs.image_ids, rs.caption_ids)}
+    types = prediction_id_types(id_types)
     changed: dict[str, Any] = {}
     for method in METHODS:
         for d in ("t2i", "i2t"):
@@ -66,11 +72,12 @@ def run_rerank(rs: RetrievalSet, pool_dir: str | os.PathLike, params: Mapping[st
             arr = lists[method][d]
             write_predictions(prediction_path(out, d, method), d,
                               ((q, [items[i] for i in row if i >= 0]) for q, row in zip(qids, arr.tolist())),
-                              id_types[f"{d}_query"], id_types[f"{d}_item"])
+                              types[f"{d}_query"], types[f"{d}_item"])
             if method != "plain":  # how many lists the method reordered or changed
                 changed[f"{d}_{method}"] = int((arr != lists["plain"][d]).any(1).sum())
     write_json(out / "provenance.json", {**dict(provenance), "pool_provenance": {"t2i": prov_t, "i2t": prov_i},
-                                         "lists_changed_vs_plain": changed, "top_k": top_k, "pool": pool})
+                                         "lists_changed_vs_plain": changed, "top_k": top_k, "pool": pool,
+                                         "prediction_id_types": types})
     return {"load_s": round(load_s, 4), "egr_s": round(timings["egr_s"], 4), "tbr_s": round(timings["tbr_s"], 4),
             "write_s": round(time.perf_counter() - t0, 4), "lists_changed_vs_plain": changed,
             "captions": len(rs.caption_ids), "images": len(rs.image_ids),
