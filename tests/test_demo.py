@@ -5,14 +5,15 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from pipeline.data.demo import DemoSpec, _stream, build_pictures, generate_demo
+from tests.dvc_project import params_for_tests, params_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
@@ -23,7 +24,8 @@ LABELS_OF_TYPE = {"PER": {"person", "tie"}, "LOC": {"boat", "bench"}, "ORG": {"l
 
 
 def project_spec() -> DemoSpec:
-    return DemoSpec.from_params(yaml.safe_load((ROOT / "params.yaml").read_text())["demo"])
+    # the committed demo values, not what a `dvc exp run -S demo...` left in the work tree
+    return DemoSpec.from_params(params_for_tests()["demo"])
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -111,7 +113,11 @@ def test_mner_bytes_do_not_depend_on_retrieval_params(tmp_path, demo):
 def test_stage_writes_the_project_params_demo_and_replaces_old_content(tmp_path, monkeypatch, demo):
     from stages.demo import main
 
-    monkeypatch.setenv("PIPELINE_ROOT", str(ROOT))
+    root = tmp_path / "root"  # the project's dvc.yaml and committed params values (see tests/dvc_project.py)
+    root.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(params_text()[0], encoding="utf-8")
+    monkeypatch.setenv("PIPELINE_ROOT", str(root))
     out = tmp_path / "data" / "demo"
     out.mkdir(parents=True)
     (out / "stale.txt").write_text("from an older run")
@@ -121,7 +127,7 @@ def test_stage_writes_the_project_params_demo_and_replaces_old_content(tmp_path,
 
 
 def test_params_errors_name_the_param():
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())["demo"]
+    p = params_for_tests()["demo"]
     bad = json.loads(json.dumps(p))
     bad["mner"]["train"] = "many"
     with pytest.raises(ValueError, match=r"demo\.mner\.train"):
