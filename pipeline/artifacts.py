@@ -85,6 +85,16 @@ def report_path(dataset: str, stage: str, part: str = "") -> Path:
     return project_path(f"reports/{dataset}/{stage}{'-' + part if part else ''}.json")
 
 
+def details_path(metrics_path: str | os.PathLike) -> Path:
+    """Where the full report behind a small metrics file goes: ``metrics/<ds>/<name>.json`` ->
+    ``reports/<ds>/<name>.json`` (beside the stage reports, out of ``dvc metrics show``'s way);
+    a metrics file elsewhere gets ``<name>_details.json`` beside it."""
+    p = Path(metrics_path)
+    if p.parent.parent.name == "metrics":
+        return p.parents[2] / "reports" / p.parent.name / p.name
+    return p.with_name(f"{p.stem}_details{p.suffix}")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented, key-sorted JSON."""
     with atomic_path(path) as tmp:

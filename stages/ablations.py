@@ -8,8 +8,11 @@
 Each run sets every key any ablation touches (values from the HEAD commit's params.yaml
 plus the ablation's overrides), because `dvc exp run` leaves its params in the workspace.
 The table is gathered from `dvc exp show --json` (run here unless --from-json is given):
-every experiment is classified by its params and grouped per ablation and dataset, with
-mean ± sample standard deviation over seeds.
+runs are grouped per dataset by the params that shape its MNER scores (dvc.yaml's params of
+the stages up to evaluate, less the seed and the speed knobs), each group named by its
+ablation; runs of one group with the same train.seed count once (experiments that changed
+only retrieval params trained the same model), and cells are mean ± sample standard
+deviation over the distinct seeds, with no spread for a single seed.
 """
 from __future__ import annotations
 

@@ -188,8 +188,10 @@ def test_train_and_evaluate_on_real_cache_files(tmp_path, monkeypatch):
 
     rep = evaluate_on_caches("ds", tmp_path / "models/ds", tmp_path / "predictions/ds",
                              tmp_path / "metrics/ds/mner.json", tmp_path / "plots/ds", progress=False)
-    saved = json.loads((tmp_path / "metrics/ds/mner.json").read_text())
-    assert saved == json.loads(json.dumps(rep))
+    saved = json.loads((tmp_path / "metrics/ds/mner.json").read_text())  # the headline: a few dvc exp show columns
+    assert saved == {"valid": {"f1": rep["valid"]["f1"]},
+                     "test": {"f1": rep["test"]["f1"], "per_type": {t: v["f1"] for t, v in rep["test"]["per_type"].items()}}}
+    assert json.loads((tmp_path / "reports/ds/mner.json").read_text()) == json.loads(json.dumps(rep))
     assert rep["test"]["f1"] > 0.8  # the image decides the type
     c = rep["test"]["counts"]
     assert c["sentences"] == 32 and c["truncated_words"] > 0 and c["gold_entities"] == 32
@@ -270,6 +272,48 @@ def test_table_from_exp_show_json():
     assert lines[2] == "| full | 82.00 ± 2.83 (n=2) |"  # mean 0.82, sample sd 0.0283
     assert lines[3] == "| text_only | 55.00 ± 7.07 (n=2) |"
     assert len(ablations.runs_from_exp_show(data, include_workspace=True)) == 5
+
+
+def test_table_counts_seeds_not_experiments():
+    """Experiments that trained the same model with the same seed (they differ in retrieval
+    params, a speed knob, or one is the workspace holding the last one) count once: no
+    invented seeds, no spread from one seed. A param that shapes the model splits the row."""
+    def params(seed, top_k=20, threads=1, hidden=128, **fusion):
+        return {"fusion": {"hidden": hidden, "layers": 2, "adaptive": "gate", "use_image": True, "use_patches": True,
+                           "use_regions": True, **fusion},
+                "align": {"weight": 0.1}, "train": {"seed": seed, "threads": threads}, "rerank": {"top_k": top_k}}
+
+    exps = [_exp_state("q-a", params(42, layers=1), {"tw": 0.9565}),
+            _exp_state("q-b", params(42, top_k=10, layers=1), {"tw": 0.9565}),    # retrieval only: same run
+            _exp_state("q-c", params(42, threads=2, layers=1), {"tw": 0.9571}),   # a speed knob: same run
+            _exp_state("f-1", params(1), {"tw": 0.80}), _exp_state("f-2", params(2), {"tw": 0.84}),
+            _exp_state("f-2b", params(2, top_k=5), {"tw": 0.84}),
+            _exp_state("h-1", params(1, hidden=64), {"tw": 0.70})]                # shapes the model: its own row
+    data = [{"rev": "workspace", "name": None, "error": None, "experiments": None,
+             "data": _exp_state("ws", params(1, hidden=64), {"tw": 0.70})["data"]},  # holds h-1's result
+            {"rev": "abc", "name": "main", "data": _exp_state("base", params(42), {"tw": 0.2})["data"],
+             "experiments": [{"revs": [e], "executor": None, "name": e["name"]} for e in exps]}]
+    runs = ablations.runs_from_exp_show(data, include_workspace=True)
+    assert len({r.config for r in runs if r.ablation == "qfnet1"}) == 1
+    lines = ablations.markdown_table(runs, ["test_f1"]).splitlines()
+    assert lines[2:5] == ["| full (fusion.hidden=128) | 82.00 ± 2.83 (n=2) |",
+                          "| full (fusion.hidden=64) | 70.00 (n=1) |",
+                          "| qfnet1 | 95.67 (n=1) |"]  # one seed: the mean of its runs, no spread
+    assert lines[5:7] == ["", "n counts distinct `train.seed` values; runs that differ only in params that do not "
+                              "shape the MNER scores count once:"]
+    notes = lines[7:]
+    assert notes == [
+        "- full (fusion.hidden=128), tw, seed 2: 2 runs with the same params (f-2, f-2b) counted once",
+        "- full (fusion.hidden=64), tw, seed 1: 2 runs with the same params (workspace, h-1) counted once",
+        "- qfnet1, tw, seed 42: 3 runs with the same params (q-a, q-b, q-c) counted once "
+        "(their test F1: 95.65, 95.65, 95.71; the mean is used)"], notes
+    # a dataset's own entry shapes its runs; another dataset's does not
+    a = ablations.mner_config({"datasets.tw.dir": "x", "datasets.other.dir": "y", "train.seed": 1, "train.lr": 1,
+                               "rerank.top_k": 3, "clip.threads": 2}, ablations.shaping_keys("tw", {}))
+    assert a == (("datasets.tw.dir", '"x"'), ("train.lr", "1"))
+    # a set without images: the image stages' params do not shape it
+    keys = ablations.shaping_keys("wnut", {"image_datasets": ["tw"], "region_datasets": ["tw"]})
+    assert "text" in keys and "train" in keys and "clip" not in keys and "detector" not in keys
 
 
 def test_committed_params_ignore_workspace_edits(tmp_path):

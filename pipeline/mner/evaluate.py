@@ -1,10 +1,17 @@
 """Evaluate a trained MNER checkpoint on the cached valid/test splits.
 
-Writes CoNLL predictions (token, gold, predicted), a metrics JSON (micro P/R/F1 overall and
-per type per split, plus counts), and plots: F1 per type (bar PNG) and an entity-type
-confusion table (gold type vs predicted type for overlapping spans: PNG heatmap + CSV rows
-for ``dvc plots``' confusion template). Scores use the FULL gold sequences: a word the text
-encoder cut off is predicted ``O`` and still counted.
+Writes CoNLL predictions (token, gold, predicted), two JSON files and plots: F1 per type
+(bar PNG) and an entity-type confusion table (gold type vs predicted type for overlapping
+spans: PNG heatmap + CSV rows for ``dvc plots``' confusion template). Scores use the FULL
+gold sequences: a word the text encoder cut off is predicted ``O`` and still counted.
+
+- the metrics file (``metrics/<ds>/mner.json``, what ``dvc exp show`` / ``dvc metrics show``
+  print): the micro F1 of each split and the test F1 of each type, nothing else, so that
+  an experiments table stays a few columns wide (:func:`headline`);
+- the full report (``reports/<ds>/mner.json``, a plain DVC output, not a metric; see
+  :func:`pipeline.artifacts.details_path`): everything, i.e. micro and per-type P/R/F1 and the counts of each split, the
+  model that ran (its ``use_image`` says whether the image branches really ran) and the
+  fingerprints of the caches it read.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_path, write_json
+from pipeline.artifacts import atomic_path, details_path, write_json
 from pipeline.metrics.ner import entity_scores, type_confusion
 from pipeline.mner.data import Sample
 
@@ -47,6 +54,16 @@ def split_metrics(samples: Sequence[Sample], preds: Sequence[Sequence[str]], n_k
                    "truncated_words": sum(truncated), "truncated_sentences": sum(1 for t in truncated if t),
                    "image_fallbacks": n_image_fallbacks},
     }
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The metrics-file part of a full report: the F1 of each split, and on test the F1 of
+    each type (``{"test": {"f1", "per_type": {type: f1}}, "valid": {"f1"}}``)."""
+    out: dict[str, Any] = {split: {"f1": report[split]["f1"]} for split in ("valid", "test") if split in report}
+    if "test" in out:
+        out["test"]["per_type"] = {t: v["f1"] for t, v in report["test"]["per_type"].items()}
+    return out
+
 
 
 def confusion_table(pairs: Sequence[tuple[str, str]], types: Sequence[str]) -> tuple[list[str], list[list[int]]]:
@@ -151,5 +168,7 @@ def evaluate_on_caches(dataset: str, model_dir: str | Path, pred_dir: str | Path
         plot_confusion(plots_dir / f"{split}_confusion.png", labels, counts, f"{dataset} {split}: gold vs predicted type")
         plot_f1_per_type(plots_dir / f"{split}_f1_per_type.png", report[split]["per_type"],
                          f"{dataset} {split}: F1 per type (micro {report[split]['f1']:.3f})")
-    write_json(metrics_path, report)
+    report["inputs"] = now  # provenance: the fingerprints of the caches the scores come from
+    write_json(details_path(metrics_path), report)
+    write_json(metrics_path, headline(report))
     return report

@@ -1,8 +1,13 @@
 """The `score` stage: recall@K of every AGREE prediction file against the ground truth.
 
-Writes a flat metrics JSON (``t2i_plain_r1`` ... ``i2t_egr_tbr_mean``, percent), AGREE
-result JSONs (``text_output_<method>.json``, ``image_output_<method>.json``), and the
-recall@K curves for K = 1..list length as CSV (a column per direction and method) and PNG.
+Writes a small flat metrics JSON (``metrics/<ds>/retrieval.json``: the mean recall over
+``score.ks`` of each list, ``t2i_plain`` ... ``i2t_egr_tbr``, percent: eight columns in
+``dvc exp show``), the full table (``reports/<ds>/retrieval.json``, a plain output, see
+:func:`pipeline.artifacts.details_path`: ``t2i_plain_r1`` ... ``i2t_egr_tbr_mean`` for every K, list and
+direction, the query counts and the notes), AGREE result JSONs
+(``text_output_<method>.json``, ``image_output_<method>.json``: R@1/5/10 and mean), and
+the recall@K curves for K = 1..list length as CSV (a column per direction and method) and
+PNG.
 """
 from __future__ import annotations
 
@@ -14,13 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import atomic_path, write_json
+from pipeline.artifacts import atomic_path, details_path, write_json
 from pipeline.metrics.recall import first_hit_ranks, recall_curve, recall_from_ranks
 from pipeline.retrieval.agree_io import read_predictions, write_result
 from pipeline.retrieval.rerank import METHODS
 from pipeline.retrieval.rerank_job import prediction_path
 
 RESULT_FILES = {"t2i": "text_output_{}.json", "i2t": "image_output_{}.json"}
+
+
+def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics-file part of the full table: each list's mean recall, both directions
+    (``t2i_egr_tbr_mean`` -> ``t2i_egr_tbr``)."""
+    return {k.removesuffix("_mean"): v for k, v in metrics.items() if k.endswith("_mean")}
+
 
 
 def run_score(pred_dir: str | os.PathLike, t2i_gold: Mapping[str, Sequence[str]],
@@ -54,7 +66,10 @@ def run_score(pred_dir: str | os.PathLike, t2i_gold: Mapping[str, Sequence[str]]
         notes.append("score.ks lacks one of 1, 5, 10: AGREE result files (r1, r5, r10) not written")
     metrics["queries_t2i"] = len(t2i_gold)
     metrics["queries_i2t"] = len(i2t_gold)
-    write_json(metrics_path, metrics)
+    recall = {k: v for k, v in metrics.items() if not k.startswith("queries_")}
+    write_json(details_path(metrics_path), {
+        "recall": recall, "ks": ks, "queries": {"t2i": len(t2i_gold), "i2t": len(i2t_gold)}, "notes": notes})
+    write_json(metrics_path, headline(metrics))
     _write_curves(plot_csv, plot_png, curves)
     return {"metrics": metrics, "notes": notes}
 
