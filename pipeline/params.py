@@ -188,7 +188,7 @@ def apply_dataset_overrides(data: Mapping, item: str, root: Path) -> dict:
     for path, value in _leaves(over):
         parts = path.split(".")
         where = f"params.yaml: datasets.{item}.{OVERRIDES}.{path}"
-        if parts[0] in ("datasets", "mner_datasets", "retrieval_datasets", "image_datasets"):
+        if parts[0] in ("datasets", "mner_datasets", "retrieval_datasets", "image_datasets", "region_datasets"):
             raise ParamsError(f"{where}: the dataset lists and entries are not per-dataset knobs")
         if parts[0] in untracked:
             raise ParamsError(f"{where}: section {parts[0]!r} cannot be set per dataset (a stage that reads it "
@@ -229,11 +229,11 @@ def check_dataset_for_stage(stage: str, item: str, data: Mapping, root: Path) ->
             raise ParamsError(f"{item} is {article.get(kind, repr(kind))} dataset; {stage} needs "
                               f"{article[_KIND_LISTS[listed]]} dataset "
                               f"(params.yaml {listed}: {', '.join(map(str, data.get(listed) or [])) or 'none'})")
-    elif listed == "image_datasets":
+    elif listed in ("image_datasets", "region_datasets"):
         from pipeline.data.conll import has_images
         if not has_images(str(entry.get("format", ""))):
             raise ParamsError(f"{item} has no images (format {entry.get('format')}); {stage} runs only on "
-                              f"datasets with images (params.yaml image_datasets)")
+                              f"datasets with images (params.yaml {listed})")
     elif item not in (data.get(listed) or []):
         raise ParamsError(f"{item} is not in params.yaml {listed}, the datasets {stage} runs on")
 

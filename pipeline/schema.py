@@ -283,6 +283,7 @@ SECTIONS: dict[str, Any] = {
     "mner_datasets": DatasetList,
     "retrieval_datasets": DatasetList,
     "image_datasets": DatasetList,
+    "region_datasets": DatasetList,
     "demo": Demo,
     "images": Images,
     "shards": Shards,

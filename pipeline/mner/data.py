@@ -323,7 +323,8 @@ def open_caches(dataset: str, use_patches: bool, use_regions: bool) -> Caches:
         if used and has_images and not (feats / branch).is_dir():
             raise FileNotFoundError(
                 f"{feats / branch}: not found, but {dataset} has images and fusion.use_image is on: list "
-                f"{dataset} in image_datasets in params.yaml (its {branch} stage runs only for those), "
+                f"{dataset} in {'image_datasets' if branch == 'patches' else 'region_datasets'} in params.yaml "
+                f"(its {branch} stage runs only for those), "
                 f"or set fusion.use_image: false")
     return Caches(
         dataset=dataset,
