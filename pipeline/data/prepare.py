@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from tqdm import tqdm
+from pipeline.progress import progress
 
 from pipeline.artifacts import fingerprint, package_versions, sha256_file, write_json, write_parquet
 from pipeline.data.agree import SHOW, read_agree
@@ -38,7 +38,7 @@ def _display_path(p: Path) -> str:
 def image_rows(refs: Mapping[str, tuple[str | os.PathLike, str]], policy: ImagePolicy) -> tuple[list[dict], ImageReport]:
     """Resolve and check every image. ``refs``: image_id -> (base folder, path relative to it)."""
     rows, report = [], ImageReport()
-    for image_id in tqdm(sorted(refs), desc="checking images", unit="img", leave=False):
+    for image_id in progress(sorted(refs), desc="checking images", unit="img", leave=False):
         base, rel = refs[image_id]
         try:
             path = safe_join(base, rel, what=f"image {image_id!r}")

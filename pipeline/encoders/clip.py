@@ -215,12 +215,12 @@ def encode_texts(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 64,
 
     ``progress``: label of a progress bar (texts/s) on stderr; None shows none.
     """
-    from tqdm import tqdm
+    from pipeline.progress import progress as progress_bar
 
     out = []
     texts = [str(t) for t in texts]
     step = max(1, int(batch_size))
-    with tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None, mininterval=1.0) as bar:
+    with progress_bar(total=len(texts), desc=progress, unit="text", disable=progress is None, mininterval=1.0) as bar:
         for i in range(0, len(texts), step):
             tokens = bundle.tokenizer(texts[i:i + step]).to(bundle.device)  # (b, context_length)
             out.append(bundle.model.encode_text(tokens).float().cpu())  # (b, D)

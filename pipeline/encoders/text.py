@@ -224,7 +224,7 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
     the first-sub-word positions (the input of the top layers for ``text.tune_top``).
     ``progress``: label of a progress bar (samples/s) on stderr; None shows none.
     """
-    from tqdm import tqdm
+    from pipeline.progress import progress as progress_bar
 
     words, empty_counts = fix_empty_words(enc.tokenizer, samples)
     n = len(words)
@@ -234,7 +234,7 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
     kept = [0] * n
     n_layers, d = len(enc.layers), enc.hidden_size
     order = sorted(range(n), key=lambda i: (len(words[i]), i))
-    with tqdm(total=n, desc=progress, unit="sample", disable=progress is None, mininterval=1.0) as bar:
+    with progress_bar(total=n, desc=progress, unit="sample", disable=progress is None, mininterval=1.0) as bar:
         for start in range(0, n, max(1, int(batch_size))):
             idx = order[start:start + batch_size]
             bar.update(len(idx))

@@ -77,10 +77,10 @@ def manifest_sha(records: Sequence[ImageRecord]) -> str:
 
 def image_item_keys(records: Sequence[ImageRecord]) -> dict[str, str]:
     """Per-image shard key: manifest path + status + sha256 of the file's bytes ('' if unreadable)."""
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
     keys = {}
-    for r in tqdm(records, desc="hashing images", unit="img", leave=False, mininterval=1.0):
+    for r in progress(records, desc="hashing images", unit="img", leave=False, mininterval=1.0):
         content = ""
         if r.path:
             try:

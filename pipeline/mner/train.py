@@ -28,6 +28,7 @@ from pipeline.metrics.ner import entity_scores
 from pipeline.mner.data import MNERDataset
 from pipeline.encoders.text import hf_config_dict
 from pipeline.mner.model import MNERConfig, MNERModel
+from pipeline.progress import progress as progress_bar
 
 CHECKPOINT = "model.pt"
 
@@ -120,7 +121,7 @@ def predict(model: MNERModel, ds: MNERDataset, collate_fn: Callable, batch_size:
     model.eval()
     out: list[list[str] | None] = [None] * len(ds)
     tags = model.cfg.tags
-    for batch in tqdm(_loader(ds, batch_size, collate_fn, False), desc="predict", unit="batch", disable=not progress):
+    for batch in progress_bar(_loader(ds, batch_size, collate_fn, False), desc="predict", unit="batch", disable=not progress):
         em = model(batch)["emissions"]
         for i, path in zip(batch["index"].tolist(), model.decode(em, batch["word_mask"])):
             full = len(ds.samples[i].tokens)
@@ -175,7 +176,7 @@ def fit(model_cfg: MNERConfig, cfg: TrainConfig, train_ds: MNERDataset, valid_ds
         model.train()
         sums = {"crf": 0.0, "align": 0.0, "loss": 0.0}
         n_batches = n_align = 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+        bar = progress_bar(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
         for batch in bar:
             parts = train_step(model, batch, opt, sched, cfg)
             if parts["align"] is not None:

@@ -97,9 +97,9 @@ def train_heads(train: RetrievalSet, cfg: AlignConfig) -> tuple[np.ndarray, np.n
         y = torch.arange(a.shape[0])
         return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
 
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
-    for epoch in tqdm(range(cfg.epochs), desc="align", unit="epoch", mininterval=1.0):
+    for epoch in progress(range(cfg.epochs), desc="align", unit="epoch", mininterval=1.0):
         order = rng.permutation(usable)
         picks = np.array([caps_of_img[i][rng.integers(len(caps_of_img[i]))] for i in order], dtype=np.int64)
         tot = {"loss": 0.0, "clip": 0.0, "entity": 0.0}

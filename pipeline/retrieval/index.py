@@ -189,9 +189,9 @@ class VectorIndex:
         starts = range(0, q.shape[0], int(batch_size))
         bar = None
         if progress:
-            from tqdm import tqdm
+            from pipeline.progress import progress as bar_for
 
-            bar = tqdm(total=q.shape[0], desc=progress, unit="query", mininterval=1.0, dynamic_ncols=True)
+            bar = bar_for(total=q.shape[0], desc=progress, unit="query", mininterval=1.0, dynamic_ncols=True)
         for s in starts:
             e = min(s + int(batch_size), q.shape[0])
             scores[s:e], ids[s:e] = self._search_ties(q[s:e], k)
@@ -232,7 +232,8 @@ def exact_search(gallery: np.ndarray, queries: np.ndarray, k: int, batch_size: i
 def numpy_search(gallery: np.ndarray, queries: np.ndarray, k: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Brute force in numpy (matmul + argpartition) on already-normalised float32 arrays.
 
-    The baseline FAISS is compared with in bench/retrieval.py; same output layout.
+    The baseline FAISS is compared with in bench/retrieval.py; same output layout and order
+    ((score desc, row asc); items tied at the k-th score are cut by lowest row).
     """
     n = gallery.shape[0]
     k = min(int(k), n)
@@ -242,6 +243,12 @@ def numpy_search(gallery: np.ndarray, queries: np.ndarray, k: int, batch_size: i
         sims = queries[s:s + batch_size] @ gallery.T  # (B, N)
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (sims.shape[0], 1))
         sc = np.take_along_axis(sims, part, 1)
+        kth = sc.min(axis=1)  # (B,)
+        for r in np.flatnonzero((sims >= kth[:, None]).sum(axis=1) > k):  # ties cut at the k-th score:
+            above = np.flatnonzero(sims[r] > kth[r])                      # keep the lowest rows, as
+            tied = np.flatnonzero(sims[r] == kth[r])[: k - above.size]    # FAISS search does here
+            part[r] = np.concatenate([above, tied])
+            sc[r] = sims[r, part[r]]
         scores[s:s + batch_size], ids[s:s + batch_size] = _tie_order(sc, part.astype(np.int64))
     return scores, ids
 

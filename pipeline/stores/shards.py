@@ -401,7 +401,7 @@ def run_shards(
     shards_written, shards_skipped, shards_failed_verification (file -> why; rewritten),
     verify_seconds (checking the existing shards), shards_deleted, items, seconds, items_per_s.
     """
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -420,7 +420,7 @@ def run_shards(
 
     t0 = time.perf_counter()
     items = 0
-    with tqdm(total=sum(len(plan[k]) for k, _ in work.todo), desc=progress_desc, unit="item",
+    with progress(total=sum(len(plan[k]) for k, _ in work.todo), desc=progress_desc, unit="item",
               dynamic_ncols=True, mininterval=1.0) as bar:
         for k, sfp in work.todo:
             arrays = compute(list(plan[k]))
