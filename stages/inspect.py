@@ -1,7 +1,9 @@
-"""Look into a cache: ``python -m stages.inspect PATH [--id ID] [--check] [--draw ID out.png]``.
+"""Look into a cache: ``python -m stages.inspect PATH [--id ID] [--check [--summary]] [--draw ID out.png]``.
 
 PATH: a shard dir (features/<ds>/patches, .../regions) or one .h5 shard, a text or
-caption feature dir, or a Parquet file (e.g. data/prepared/<ds>/images.parquet).
+caption feature dir, a Parquet file (e.g. data/prepared/<ds>/images.parquet), a model.pt
+checkpoint, or any output folder (features/<ds>/retrieval, models/<ds>, predictions/<ds>).
+With --check only the check's result is printed (--summary adds the summary before it).
 Exit codes: 0 ok, 1 problems found by --check, 2 usage error or unreadable input.
 Not a DVC stage: it reads no params and writes only the --draw picture.
 """
@@ -21,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--id", dest="item_id", help="show one item: arrays with shapes, stats, a few values")
     ap.add_argument("--check", action="store_true",
                     help="integrity checks (every content digest verified); exit 1 if any problem")
+    ap.add_argument("--summary", action="store_true", help="with --check: print the summary before the check")
     ap.add_argument("--draw", nargs=2, metavar=("ID", "OUT_PNG"), help="draw an image with its region boxes")
     ap.add_argument("--images-manifest", "--manifest", dest="manifest",
                     help="prepared manifest: image paths for --draw; the ids the cache must hold exactly once for "
@@ -37,19 +40,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.item_id is not None:
             print(I.show_item(args.path, args.item_id))
-        else:
+        elif not args.check or args.summary:
             print(I.summary(args.path))
         if args.check:
             manifest = args.manifest or I.default_manifest(args.path)
             if manifest is not None:
-                print(f"\ncheck: against the manifest {manifest}")
+                print(f"check: against the manifest {manifest}")
             problems = I.check(args.path, manifest)
             if problems:
-                print(f"\ncheck: {len(problems)} problem(s):")
+                print(f"check: {len(problems)} problem(s) in {args.path}:")
                 for p in problems:
                     print(f"  - {p}")
                 return 1
-            print("\ncheck: ok")
+            print(f"check: ok ({args.path})")
         return 0
     except (I.InspectError, ShardError, TableError, OSError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

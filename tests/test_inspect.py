@@ -53,7 +53,8 @@ def project(tmp_path, monkeypatch):
 
 
 def test_summary_and_item_on_a_good_cache(project, capsys):
-    assert main(["features/demo/regions", "--check", "--images-manifest", "data/prepared/demo/images.parquet"]) == 0
+    assert main(["features/demo/regions", "--check", "--summary",
+                 "--images-manifest", "data/prepared/demo/images.parquet"]) == 0
     out = capsys.readouterr().out
     assert "3 file(s), 7 items" in out
     assert "feats        (7, 4, 8)  float32  chunks (1, 4, 8)" in out
@@ -68,8 +69,15 @@ def test_summary_and_item_on_a_good_cache(project, capsys):
 
     assert main(["features/demo/regions/shard-00002.h5"]) == 0  # one shard file
     assert "1 items" in capsys.readouterr().out
-    assert main(["data/prepared/demo/images.parquet", "--check"]) == 0
+    assert main(["data/prepared/demo/images.parquet", "--check", "--summary"]) == 0
     assert "7 rows" in capsys.readouterr().out
+
+
+def test_check_prints_only_its_result_unless_asked(project, capsys):
+    assert main(["features/demo/regions", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(" /")[0] for line in out.splitlines()] == [
+        "check: against the manifest", "check: ok (features/demo/regions)"], out
 
 
 def test_check_names_nan_duplicate_and_inconsistent_mask(project, capsys):
@@ -192,7 +200,7 @@ def test_text_and_caption_caches(tmp_path, capsys):
             for i in range(4)]
     write_text_features(tmp_path / "text", rows, {"PER": np.zeros((1, 4))}, {"m": 1})
     write_parquet(pa.table({"sample_id": ["s0", "s1", "s2", "s3", "s4"]}), tmp_path / "samples.parquet", {})
-    assert main([str(tmp_path / "text"), "--check"]) == 0
+    assert main([str(tmp_path / "text"), "--check", "--summary"]) == 0
     out = capsys.readouterr().out
     assert "feats          (4, 3, 1, 4) float32" in out and "types: PER" in out
     assert main([str(tmp_path / "text"), "--id", "s1"]) == 0
@@ -206,7 +214,7 @@ def test_text_and_caption_caches(tmp_path, capsys):
 
     emb = rng.standard_normal((3, 4))
     write_caption_features(tmp_path / "cap", ["a", "b", "c"], emb, np.ones((3, 2, 4)), np.ones((3, 2, 4)), [1, 0, 2], {})
-    assert main([str(tmp_path / "cap"), "--check"]) == 0
+    assert main([str(tmp_path / "cap"), "--check", "--summary"]) == 0
     assert "entities per caption: min 0" in capsys.readouterr().out
     assert main([str(tmp_path / "cap"), "--id", "c"]) == 0
     assert "n_entities=2" in capsys.readouterr().out
@@ -220,3 +228,48 @@ def test_module_entry_point_exit_codes(project):
     assert "check: ok" in good.stdout
     bad = subprocess.run(run + ["features/nothing"], capture_output=True, text=True, cwd=project, env=env)
     assert bad.returncode == 2 and "inspect: error: features/nothing: no such file" in bad.stderr
+
+
+def test_text_summary_names_example_ids(tmp_path, capsys):
+    rows = [{"sample_id": f"s{i}", "feats": np.zeros((2, 1, 4), np.float32), "n_words": 2, "n_kept": 2}
+            for i in range(8)]
+    write_text_features(tmp_path / "text", rows, {"PER": np.zeros((1, 4))}, {"m": 1})
+    assert main([str(tmp_path / "text")]) == 0
+    assert "ids, e.g.: 's0', 's1', 's2', 's3', 's4', ... (8 in all)" in capsys.readouterr().out
+
+
+def test_output_folders_and_checkpoints_are_described_and_checked(tmp_path, capsys):
+    """An output folder that is not a feature cache (retrieval lists, a model, predictions)
+    is listed file by file; its Parquet tables and checkpoints are summarised and checked."""
+    import torch
+
+    folder = tmp_path / "retrieval"
+    write_parquet(pa.table({"query_id": ["q0", "q1"], "rank": [1, 2]}), folder / "t2i.parquet", {"stage": "retrieve"})
+    (folder / "notes.json").write_text('{"k": 2}')
+    assert main([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "2 file(s)" in out and "t2i.parquet" in out and "2 rows" in out and '"k": 2' in out
+    assert main([str(folder), "--check"]) == 0
+    (folder / "notes.json").write_text("{broken")
+    assert main([str(folder), "--check"]) == 1
+    assert "notes.json: not valid JSON" in capsys.readouterr().out
+
+    model = tmp_path / "models"
+    model.mkdir()
+    torch.save({"config": {"hidden": 4}, "tags": ["O", "B-PER"], "meta": {"best_epoch": 3},
+                "state_dict": {"enc.w": torch.ones(2, 3), "crf.t": torch.zeros(4)}}, model / "model.pt")
+    assert main([str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "MNER checkpoint, 2 tensors, 10 values" in out and "crf 1, enc 1" in out and '"best_epoch": 3' in out
+    assert main([str(model), "--check"]) == 0
+    torch.save({"config": {}, "meta": {}, "state_dict": {"enc.w": torch.tensor([1.0, float("nan")])}}, model / "model.pt")
+    assert main([str(model / "model.pt"), "--check"]) == 1
+    assert "non-finite values in 'enc.w'" in capsys.readouterr().out
+    (model / "model.pt").write_bytes(b"not a checkpoint")
+    assert main([str(model), "--check"]) == 1
+    assert "model.pt: not a readable checkpoint" in capsys.readouterr().out
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    assert "an empty folder; nothing to inspect" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Look into any cache: summary, one item, integrity checks, regions drawn on an image.
 
-Works on a shard dir (or one ``.h5`` shard), a text-feature dir, a caption-feature dir
-or any Parquet file (prepared manifests included). Readers here are tolerant on purpose:
+Works on a shard dir (or one ``.h5`` shard), a text-feature dir, a caption-feature dir,
+any Parquet file (prepared manifests included), an MNER checkpoint (``model.pt``), and any
+other output folder (``features/<ds>/retrieval``, ``models/<ds>``, ``predictions/<ds>``):
+its files are listed and each Parquet table or checkpoint in it is described and checked. Readers here are tolerant on purpose:
 a damaged cache is described and its problems listed, instead of failing at the first.
 """
 from __future__ import annotations
@@ -30,7 +32,8 @@ class InspectError(RuntimeError):
 # ---- what is at PATH -------------------------------------------------------------------------
 
 def detect_kind(path: str | os.PathLike) -> str:
-    """'shards' (dir or one .h5), 'text', 'captions' or 'table' (any .parquet)."""
+    """'shards' (dir or one .h5), 'text', 'captions', 'table' (any .parquet), 'checkpoint'
+    (a .pt file) or 'folder' (any other directory holding files)."""
     p = Path(path)
     if not p.exists():
         raise InspectError(f"{p}: no such file or directory")
@@ -39,15 +42,24 @@ def detect_kind(path: str | os.PathLike) -> str:
             return "shards"
         if p.suffix == ".parquet":
             return "table"
-        raise InspectError(f"{p}: not a cache (expected a shard dir, a .h5 shard, a feature dir or a .parquet file)")
+        if p.suffix == ".pt":
+            return "checkpoint"
+        raise InspectError(f"{p}: not a cache (expected a shard dir, a .h5 shard, a feature dir, a .parquet "
+                           f"file, a .pt checkpoint or an output folder)")
     if S.shard_files(p) or S.temp_leftovers(p):
         return "shards"
     if (p / T.WORDS_FILE).exists() or (p / T.TYPE_PROMPTS_FILE).exists():
         return "text"
     if (p / T.CAPTIONS_FILE).exists():
         return "captions"
-    raise InspectError(f"{p}: no shard-*.h5, {T.WORDS_FILE} or {T.CAPTIONS_FILE} here; nothing to inspect "
-                       f"(has the stage that writes it run?)")
+    if _folder_files(p):
+        return "folder"
+    raise InspectError(f"{p}: an empty folder; nothing to inspect (has the stage that writes it run?)")
+
+
+def _folder_files(p: Path) -> list[Path]:
+    """Every file under ``p`` (recursively, sorted), hidden ones aside."""
+    return sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
 
 
 def _fmt_bytes(n: float) -> str:
@@ -155,7 +167,7 @@ def summary(path: str | os.PathLike) -> str:
     """Files, item count, each dataset's shape and dtype, provenance."""
     kind = detect_kind(path)
     return {"shards": _summary_shards, "text": _summary_text, "captions": _summary_captions,
-            "table": _summary_table}[kind](Path(path))
+            "table": _summary_table, "checkpoint": _summary_checkpoint, "folder": _summary_folder}[kind](Path(path))
 
 
 def _summary_shards(p: Path) -> str:
@@ -211,6 +223,9 @@ def _summary_text(p: Path) -> str:
         lines += _table_summary_lines(t)
         if key == "type":
             lines.append(f"    types: {', '.join(map(str, t.columns['type']))}")
+        else:
+            ids = t.columns[key]
+            lines.append(f"    ids, e.g.: {_ids_text([str(i) for i in ids[:MAX_LISTED]], len(ids))}")
         prov = prov or t.provenance
     lines += ["  provenance:", _indent(_pretty(prov))]
     return "\n".join(lines)
@@ -393,7 +408,8 @@ def check(path: str | os.PathLike, manifest: str | os.PathLike | None = None) ->
     :func:`default_manifest` to use the one beside the cache.
     """
     kind = detect_kind(path)
-    fn = {"shards": check_shards, "text": check_text, "captions": check_captions, "table": check_table}[kind]
+    fn = {"shards": check_shards, "text": check_text, "captions": check_captions, "table": check_table,
+          "checkpoint": check_checkpoint, "folder": check_folder}[kind]
     return fn(Path(path), manifest)
 
 
@@ -616,6 +632,78 @@ def check_table(p: Path, manifest: str | os.PathLike | None = None) -> list[str]
         if nulls:
             problems.append(f"{p.name}: column {name!r} has {len(nulls)} null(s): {_ids_text(nulls)}")
     return problems + _check_table_arrays(t, ids)
+
+
+def _load_checkpoint(p: Path) -> dict:
+    import torch
+
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and why
+        raise InspectError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise InspectError(f"{p}: not an MNER checkpoint (no state_dict); keys: {list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+    return ckpt
+
+
+def _summary_checkpoint(p: Path) -> str:
+    ckpt = _load_checkpoint(p)
+    tensors = {k: v for k, v in ckpt["state_dict"].items() if hasattr(v, "shape")}
+    n_params = sum(int(v.numel()) for v in tensors.values())
+    groups = Counter(k.split(".")[0] for k in tensors)
+    lines = [f"{p}: MNER checkpoint, {len(tensors)} tensors, {n_params:,} values, {_fmt_bytes(p.stat().st_size)}",
+             "  tensors by module: " + ", ".join(f"{g} {n}" for g, n in sorted(groups.items())),
+             "  config:", _indent(_pretty(ckpt.get("config")))]
+    if ckpt.get("tags"):
+        lines.append(f"  tags: {' '.join(map(str, ckpt['tags']))}")
+    lines += ["  meta:", _indent(_pretty(ckpt.get("meta")))]
+    return "\n".join(lines)
+
+
+def check_checkpoint(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
+    """A checkpoint loads (weights only) and holds no NaN or inf."""
+    try:
+        ckpt = _load_checkpoint(p)
+    except InspectError as e:
+        return [str(e)]
+    bad = [k for k, v in ckpt["state_dict"].items()
+           if hasattr(v, "is_floating_point") and v.is_floating_point() and not bool(v.isfinite().all())]
+    return [f"{p.name}: non-finite values in {_ids_text(bad)}"] if bad else []
+
+
+def _summary_folder(p: Path) -> str:
+    files = _folder_files(p)
+    total = sum(f.stat().st_size for f in files)
+    lines = [f"{p}: {len(files)} file(s), {_fmt_bytes(total)}"]
+    for f in files[:30]:
+        lines.append(f"  {str(f.relative_to(p)):<40} {_fmt_bytes(f.stat().st_size)}")
+    if len(files) > 30:
+        lines.append(f"  ... {len(files) - 30} more file(s)")
+    for f in files:
+        if f.suffix in (".parquet", ".pt"):
+            lines += ["", summary(f)]
+        elif f.suffix == ".json" and f.stat().st_size <= 4096:
+            lines += ["", f"{f}:", _indent(f.read_text(encoding="utf-8", errors="replace").strip())]
+    return "\n".join(lines)
+
+
+def check_folder(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
+    """Each Parquet table and checkpoint in the folder passes its own check; JSON files parse."""
+    problems: list[str] = []
+    for f in _folder_files(p):
+        rel = f.relative_to(p)
+        if f.suffix in (".parquet", ".pt"):
+            try:
+                found = check(f)
+            except (InspectError, OSError, ValueError) as e:
+                found = [str(e)]
+            problems += [x if x.startswith((str(rel), f.name)) else f"{rel}: {x}" for x in found]
+        elif f.suffix == ".json":
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                problems.append(f"{rel}: not valid JSON ({e})")
+    return problems
 
 
 # ---- drawing -----------------------------------------------------------------------------------------
