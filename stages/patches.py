@@ -4,11 +4,11 @@
 
 ``--shard i/n`` computes only shards i, i+n, ... (any scheduler can run workers side by side;
 under torchrun RANK/WORLD_SIZE are used); it changes nothing else. Done shards whose
-fingerprint matches are skipped, so a killed run resumes where it stopped.
+fingerprint matches and whose digests verify are skipped, so a killed run resumes where it stopped.
 """
 
 from pipeline.cli import run_stage, stage_parser
-from pipeline.extract.common import stage_report_path
+from pipeline.extract.common import shards_line, stage_report_path
 from pipeline.extract.images import extract_patches
 from pipeline.params import load_params
 from pipeline.stores.shards import resolve_shard_arg
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     index, count = resolve_shard_arg(args.shard)
     params = load_params("patches", item=args.dataset)
     r = extract_patches(args.dataset, params, shard_index=index, shard_count=count)
-    print(f"patches {args.dataset}: {r['shards_written']} shards written, {r['shards_skipped']} skipped, "
+    print(f"patches {args.dataset}: {shards_line(r)}, "
           f"{r['images_processed']} images ({r['items_per_s']} img/s), fallbacks {r['fallbacks_by_reason'] or 0}; "
           f"report {stage_report_path(args.dataset, 'patches', index, count)}")
 

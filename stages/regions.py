@@ -3,11 +3,12 @@
     python -m stages.regions <dataset> [--shard INDEX/COUNT]
 
 ``--shard i/n`` computes only shards i, i+n, ... (torchrun: RANK/WORLD_SIZE); done shards
-whose fingerprint matches are skipped, so a killed run resumes where it stopped.
+whose fingerprint matches and whose digests verify are skipped, so a killed run resumes
+where it stopped.
 """
 
 from pipeline.cli import run_stage, stage_parser
-from pipeline.extract.common import stage_report_path
+from pipeline.extract.common import shards_line, stage_report_path
 from pipeline.extract.images import extract_regions
 from pipeline.params import load_params
 from pipeline.stores.shards import resolve_shard_arg
@@ -20,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     index, count = resolve_shard_arg(args.shard)
     params = load_params("regions", item=args.dataset)
     r = extract_regions(args.dataset, params, shard_index=index, shard_count=count)
-    print(f"regions {args.dataset} ({r['source']}): {r['shards_written']} shards written, "
-          f"{r['shards_skipped']} skipped, {r['images_processed']} images, {r.get('regions', 0)} regions "
+    print(f"regions {args.dataset} ({r['source']}): {shards_line(r)}, "
+          f"{r['images_processed']} images, {r.get('regions', 0)} regions "
           f"({r['items_per_s']} img/s); report {stage_report_path(args.dataset, 'regions', index, count)}")
 
 

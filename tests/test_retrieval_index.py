@@ -49,6 +49,22 @@ def test_ties_broken_by_gallery_row():
     np.testing.assert_allclose(s, [[1, 1, 1, 0]], atol=1e-6)
 
 
+def test_numpy_baseline_cuts_ties_at_k_by_lowest_row():
+    # eight identical rows tied at the top, k = 3 inside them: rows 1, 4, 5 in any argpartition
+    # order must come out as the three lowest tied rows (an exact tie: dyadic values)
+    g = np.zeros((12, 2), np.float32)
+    g[:, 1] = 1.0
+    tied = [1, 3, 4, 6, 7, 9, 10, 11]
+    g[tied] = [1.0, 0.0]
+    q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    for k in (3, 8, 9):
+        s, i = numpy_search(g, q, k, batch_size=1)
+        ref_s, ref_i = brute(g, q, k)
+        assert i.tolist() == ref_i.tolist(), k
+        np.testing.assert_array_equal(s, ref_s)
+    assert numpy_search(g, q, 3)[1][0].tolist() == [1, 3, 4]
+
+
 def test_l2_normalize_zero_rows_and_nan():
     x = l2_normalize(np.array([[3, 4], [0, 0]], np.float64))
     assert x.dtype == np.float32 and x.flags.c_contiguous
@@ -187,6 +203,13 @@ def test_retrieve_rerank_score_jobs_end_to_end(tmp_path):
     run_retrieve(rs, {**rparams, "index": "ivf"}, tmp_path / "ivf", {})
     _, _, p2 = read_pool(tmp_path / "ivf" / "i2t.parquet", rs.image_ids, rs.caption_ids, "imgs", "caps")
     assert 0.0 <= p2["index"]["recall_vs_exact"]["at_10"] <= 1.0 and p2["index"]["nlist"] == 4
+    assert set(p2["index"]["recall_vs_exact"]) == {"queries", "at_10", "at_5"}  # at the pool too
+    # queries whose approximate list is shorter than the pool are counted, not hidden
+    rep = run_retrieve(rs, {**rparams, "index": "ivf", "nlist": 8, "pool": 12}, tmp_path / "ivf8", {})
+    c8, _, p8 = read_pool(tmp_path / "ivf8" / "t2i.parquet", rs.caption_ids, rs.image_ids, "caps", "imgs")
+    want = min(12, len(rs.image_ids))
+    assert p8["index"]["short_lists"] == int(((c8 >= 0).sum(axis=1) < want).sum())
+    assert rep["directions"]["t2i"]["short_lists"] == p8["index"]["short_lists"]
 
     rerank = {"top_k": 3, "pool": 5, "egr": {"pad": "agree", "t2i": {"s": 0.9, "mask": 0.1, "s1": 0.99, "prompt": 0.01},
                                              "i2t": {"s": 0.8, "prompt": 0.2, "s1": 0.98, "mask": 0.02}},
@@ -272,3 +295,26 @@ def test_align_heads_lift_held_out_recall_far_above_zero_shot():
     aligned = t2i_r1(test, project(test.image_emb, wi), project(test.caption_emb, wt))
     assert zero_shot < 20.0  # a rotation hides the pairing from a plain cosine (chance is 2 %)
     assert aligned > 80.0, (zero_shot, aligned)
+
+
+def test_retrieve_refuses_queries_without_any_candidate(tmp_path, monkeypatch):
+    """A query an approximate index finds nothing for would reach AGREE's files as an empty
+    list: the retrieve stage stops and names the knob instead (fault injected in the search)."""
+    from pipeline.retrieval.retrieve_job import run_retrieve
+
+    make_project(tmp_path)
+    rs = load_retrieval_set("toy", root=tmp_path)
+    real = VectorIndex.search
+
+    def lossy(self, q, k, batch_size=1024, progress=None):
+        scores, ids = real(self, q, k, batch_size)
+        ids[1] = -1  # the second query: nothing found
+        return scores, ids
+
+    monkeypatch.setattr(VectorIndex, "search", lossy)
+    params = {"index": "ivf", "pool": 5, "nlist": 4, "nprobe": 1, "hnsw_m": 8, "ef_search": 16,
+              "ef_construction": 16, "recall_check": 0, "threads": 1, "batch_size": 4}
+    with pytest.raises(ValueError, match=r"retrieve t2i: 1 of \d+ queries got no candidate from the ivf index "
+                                         r"\(e\.g\. .*\); raise retrieval\.nprobe"):
+        run_retrieve(rs, params, tmp_path / "out", {})
+    assert not (tmp_path / "out" / "t2i.parquet").exists()

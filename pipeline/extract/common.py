@@ -40,6 +40,14 @@ def stage_report_path(dataset: str, stage: str, shard_index: int = 0, shard_coun
     return report_path(dataset, stage, part)
 
 
+def shards_line(r: Mapping[str, Any]) -> str:
+    """How a shard run went, for a stage's closing line: written, skipped and (if any)
+    rewritten because they failed verification."""
+    failed = len(r.get("shards_failed_verification") or {})
+    again = f" ({failed} of them failed verification and were rewritten)" if failed else ""
+    return f"{r['shards_written']} shards written{again}, {r['shards_skipped']} skipped"
+
+
 def write_report(dataset: str, stage: str, report: Mapping[str, Any], shard_index: int = 0,
                  shard_count: int = 1) -> Path:
     """Atomically write a stage's run report under reports/."""

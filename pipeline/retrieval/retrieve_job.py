@@ -10,6 +10,7 @@ bytes); they go to the report JSON.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,6 +109,17 @@ def run_retrieve(rs: RetrievalSet, params: Mapping[str, Any], out_dir: str | os.
         scores, cand = index.search(q, pool, bs, progress=f"retrieve {d}")
         search_s = time.perf_counter() - t0
         info = {k: v for k, v in index.info.items() if k not in ("build_seconds", "threads")}
+        want = min(pool, len(gids))
+        found = (cand >= 0).sum(axis=1)  # (Q,) an approximate index may return fewer than asked
+        if want and (found == 0).any():
+            knob = {"ivf": "raise retrieval.nprobe", "hnsw": "raise retrieval.ef_search"}.get(index.kind, "use flat")
+            raise ValueError(f"retrieve {d}: {int((found == 0).sum())} of {len(qids)} queries got no candidate "
+                             f"from the {index.kind} index (e.g. {qids[int(np.flatnonzero(found == 0)[0])]!r}); "
+                             f"{knob} or set retrieval.index: flat")
+        info["short_lists"] = int((found < want).sum())  # queries with fewer than min(pool, gallery) candidates
+        if info["short_lists"]:
+            print(f"retrieve {d}: {info['short_lists']} of {len(qids)} queries got fewer than {want} candidates "
+                  f"from the {index.kind} index (kept as they are; counted in the report)", file=sys.stderr)
         if index.kind != "flat" and check > 0:
             n = min(check, q.shape[0])
             _, ex = exact_search(g, q[:n], pool, bs, threads=int(params["threads"]))
