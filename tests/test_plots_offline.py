@@ -14,8 +14,8 @@ the inked pixels of its canvas), whether each image loaded, and every resource t
 fetched; Chromium's --dump-dom hands that record back. Without a Chromium that test skips
 and says why; the checks of the template itself always run.
 
-Cost: the fixture's `dvc repro` of the plot stages (nearly the whole demo: about 4.5 minutes
-on two busy cores); the browser check itself takes about a second.
+Cost: the demo built once for the session (tests/conftest.py, shared with
+tests/test_dvc_pipeline.py); the browser check itself takes about a second.
 """
 from __future__ import annotations
 
@@ -29,10 +29,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline import plots_page
-from tests.dvc_project import REPO, copy_project, dvc
+from tests.dvc_project import REPO, dvc
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome", "headless_shell")
 
@@ -179,24 +178,6 @@ def remote_refs(html: str) -> list[tuple[str, str, str]]:
     return [r for r in parser.refs if re.match(r"\s*(https?:)?//", r[2], flags=re.I)]
 
 
-def _plot_stages(project: Path) -> list[str]:
-    """Instance names of the stages in dvc.yaml that declare plots."""
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    names = []
-    for base, spec in stages.items():
-        if "plots" not in spec.get("do", spec):
-            continue
-        items = spec.get("foreach")
-        if items is None:
-            names.append(base)
-            continue
-        if isinstance(items, str):  # ${name} of a params.yaml list or dict
-            items = params[items.strip("${} ")]
-        names += [f"{base}@{k}" for k in items]
-    return names
-
-
 # ---- the template ----------------------------------------------------------------------
 
 def test_committed_template_is_what_the_pinned_package_gives():
@@ -232,10 +213,10 @@ def test_check_mode_reports_a_stale_template(tmp_path, monkeypatch, capsys):
 # ---- the page, as a user sees it ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def shown(tmp_path_factory):
-    """The demo's plot stages run in a copy, then `dvc plots show` (no options: .dvc/config)."""
-    proj = copy_project(tmp_path_factory.mktemp("plots"))
-    dvc(proj, "repro", *_plot_stages(proj), timeout=1800)
+def shown(demo_project):
+    """The demo built in a copy (tests/conftest.py, shared), then `dvc plots show` (no options:
+    .dvc/config)."""
+    proj, _ = demo_project
     out = dvc(proj, "plots", "show")
     page = proj / "dvc_plots" / "index.html"
     assert page.is_file(), out
