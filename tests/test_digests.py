@@ -25,12 +25,16 @@ from pipeline.stores.shards import (
     shard_status,
     write_shard,
 )
+from pipeline.artifacts import canonical_json
 from pipeline.stores.tables import (
     DIGEST_KEY,
+    NO_DIGEST,
+    OLD_DIGEST_KEY,
     CaptionFeatures,
     FeatureTable,
     TableError,
     TextFeatures,
+    stored_digests,
     table_digests,
     write_caption_features,
     write_feature_table,
@@ -178,25 +182,29 @@ def text_cache(d, dim=64):
 def rewrite_one_value(path, column, value=3.4e38):
     """Rewrite the file with one value of an array column changed, keeping the old metadata (digests)."""
     t = pq.read_table(path)
+    footer = pq.read_metadata(path).metadata
     col = t.column(column).combine_chunks()
     vals = col.values.to_numpy().copy()
     vals[len(vals) // 2] = value
     new = pa.LargeListArray.from_arrays(col.offsets, pa.array(vals))
     t = t.set_column(t.column_names.index(column), column, new).replace_schema_metadata(t.schema.metadata)
-    pq.write_table(t, path)
+    with pq.ParquetWriter(path, t.schema) as w:  # one row group, as written, and the stored digests
+        w.write_table(t)
+        w.add_key_value_metadata({DIGEST_KEY: footer[DIGEST_KEY]})
 
 
 def test_a_changed_table_value_is_named_on_read_and_by_check(tmp_path, capsys):
     d = tmp_path / "features" / "tw" / "text"
     text_cache(d)
     rewrite_one_value(d / "words.parquet", "feats")
-    with pytest.raises(TableError, match=r"words.parquet: column 'feats': content does not match its sha256 digest"
-                                         r".*dvc repro text@tw"):
-        TextFeatures(d)
-    assert check(d) == [f"{d / 'words.parquet'}: column 'feats': content does not match its sha256 digest: "
-                        f"the file is damaged; rerun the stage that writes it"]
+    tf = TextFeatures(d)  # opening reads only the ids and counts (checked); the arrays on first read
+    with pytest.raises(TableError, match=r"words.parquet: column 'feats', row group 0: content does not match its "
+                                         r"sha256 digest.*dvc repro text@tw"):
+        tf.get("s3")
+    assert check(d) == [f"{d / 'words.parquet'}: column 'feats', row group 0: content does not match its sha256 "
+                        f"digest: the file is damaged; rerun the stage that writes it"]
     assert main([str(d), "--check"]) == 1
-    assert "column 'feats': content does not match" in capsys.readouterr().out
+    assert "column 'feats', row group 0: content does not match" in capsys.readouterr().out
     assert FeatureTable(d / "words.parquet", verify=False).num_rows == 6  # a tolerant look is still possible
 
 
@@ -214,10 +222,10 @@ def test_flipped_bytes_in_a_parquet_page_fail_the_check(tmp_path, capsys):
         fh.write(FLOAT_MAX)
     assert path.stat().st_size == size_before
     # snappy decodes the damaged page without complaint: only the digest tells
-    with pytest.raises(TableError, match="words.parquet: column 'feats': content does not match"):
-        TextFeatures(d)
-    assert check(d) == [f"{path}: column 'feats': content does not match its sha256 digest: the file is damaged; "
-                        f"rerun the stage that writes it"]
+    with pytest.raises(TableError, match="words.parquet: column 'feats', row group 0: content does not match"):
+        TextFeatures(d).get("s0")
+    assert check(d) == [f"{path}: column 'feats', row group 0: content does not match its sha256 digest: the file "
+                        f"is damaged; rerun the stage that writes it"]
     assert main([str(d), "--check"]) == 1
 
 
@@ -227,25 +235,37 @@ def test_caption_table_value_change_is_caught(tmp_path):
     write_caption_features(d, ["a", "b", "c"], rng.standard_normal((3, 8)), rng.standard_normal((3, 2, 8)),
                            rng.standard_normal((3, 2, 8)), [1, 2, 0], PROV)
     rewrite_one_value(d / "captions.parquet", "mask_emb")
-    with pytest.raises(TableError, match=r"captions.parquet: column 'mask_emb': content does not match.*captions@fl"):
-        CaptionFeatures(d)
+    with pytest.raises(TableError, match=r"captions.parquet: column 'mask_emb', row group 0: content does not "
+                                         r"match.*captions@fl"):
+        CaptionFeatures(d).get("b")
     assert main([str(d), "--check"]) == 1
 
 
 def test_tables_written_before_digests(tmp_path):
     d = tmp_path / "features" / "tw" / "text"
     text_cache(d)
-    t = pq.read_table(d / "words.parquet")
-    meta = {k: v for k, v in t.schema.metadata.items() if k != DIGEST_KEY}
-    pq.write_table(t.replace_schema_metadata(meta), d / "words.parquet")
+    t = pq.read_table(d / "words.parquet")  # the footer's digests are not carried over by write_table
+    pq.write_table(t, d / "words.parquet")
+    assert DIGEST_KEY not in (pq.read_metadata(d / "words.parquet").metadata or {})
     assert not FeatureTable(d / "words.parquet").digested  # a plain Parquet file reads as before
-    with pytest.raises(TableError, match=r"words.parquet: no content digest.*dvc repro text@tw"):
+    with pytest.raises(TableError, match=r"words.parquet: no per-row-group content digest.*dvc repro text@tw"):
         TextFeatures(d)
-    assert check(d) == ["words.parquet: no content digest (written before feature tables stored digests); "
-                        "rerun the stage that writes it"]
+    assert check(d) == [f"words.parquet: {NO_DIGEST}; rerun the stage that writes it"]
 
 
-def test_table_digests_do_not_depend_on_row_groups(tmp_path):
+def test_tables_of_the_older_format_are_refused(tmp_path):
+    """The older format (one sha256 per whole column in the schema metadata) is refused, not misread."""
+    d = tmp_path / "features" / "tw" / "text"
+    text_cache(d)
+    t = pq.read_table(d / "words.parquet")
+    old = {**t.schema.metadata, OLD_DIGEST_KEY: canonical_json(table_digests(t)).encode()}
+    pq.write_table(t.replace_schema_metadata(old), d / "words.parquet")
+    with pytest.raises(TableError, match=r"words.parquet: no per-row-group content digest.*rebuild it.*text@tw"):
+        TextFeatures(d)
+    assert main([str(d), "--check"]) == 1
+
+
+def test_table_digests_do_not_depend_on_chunks_or_row_group_size(tmp_path):
     write_feature_table(tmp_path / "t.parquet", {"id": ["a", "b", "c", "d"], "n": [1, 2, 3, 4]},
                         {"x": [np.zeros((2, 3)), np.ones((1, 3)), np.full((4, 3), 2.0), np.zeros((0, 3))]}, PROV)
     t = pq.read_table(tmp_path / "t.parquet")
@@ -253,4 +273,10 @@ def test_table_digests_do_not_depend_on_row_groups(tmp_path):
     u = pq.read_table(tmp_path / "u.parquet")
     assert u.column("x").num_chunks == 4
     assert table_digests(u) == table_digests(t)
-    assert FeatureTable(tmp_path / "u.parquet").digested  # the same metadata, verified over four chunks
+    # the same rows cut into 1-row row groups by the writer: one digest per row group, all verified
+    write_feature_table(tmp_path / "v.parquet", {"id": ["a", "b", "c", "d"], "n": [1, 2, 3, 4]},
+                        {"x": [np.zeros((2, 3)), np.ones((1, 3)), np.full((4, 3), 2.0), np.zeros((0, 3))]}, PROV,
+                        row_group_bytes=1)
+    v = FeatureTable(tmp_path / "v.parquet")
+    assert v.digested and v.num_row_groups == 4 and v.verify_all() == []
+    assert len(stored_digests(tmp_path / "v.parquet")["row_groups"]) == 4

@@ -26,9 +26,10 @@ token counts), per stored layer -> (n_layers, d).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,19 @@ def load_text_encoder(params_text: Mapping[str, Any], device: str = "cpu") -> Te
                        provenance=provenance, device=torch.device(device))
 
 
+def word_stats(n_words: Sequence[int], n_kept: Sequence[int], empty_words: Sequence[int]) -> dict[str, int]:
+    """Counts for the stage report: samples, words, kept / truncated words, words without a sub-word."""
+    trunc = [w - k for w, k in zip(n_words, n_kept)]
+    return {
+        "samples": len(n_words),
+        "words": int(sum(n_words)),
+        "words_kept": int(sum(n_kept)),
+        "words_truncated": int(sum(trunc)),
+        "samples_truncated": int(sum(1 for t in trunc if t)),
+        "words_without_subword": int(sum(empty_words)),
+    }
+
+
 @dataclass
 class WordFeatures:
     """Word features of many samples and what had to be bent to get them."""
@@ -162,15 +176,19 @@ class WordFeatures:
         return [w - k for w, k in zip(self.n_words, self.n_kept)]
 
     def stats(self) -> dict[str, Any]:
-        trunc = self.truncated
-        return {
-            "samples": len(self.n_words),
-            "words": int(sum(self.n_words)),
-            "words_kept": int(sum(self.n_kept)),
-            "words_truncated": int(sum(trunc)),
-            "samples_truncated": int(sum(1 for t in trunc if t)),
-            "words_without_subword": int(sum(self.empty_words)),
-        }
+        return word_stats(self.n_words, self.n_kept, self.empty_words)
+
+
+@dataclass
+class SampleFeatures:
+    """One sample's word features (what :func:`iter_word_features` yields)."""
+
+    feats: np.ndarray               # (n_kept, n_layers, d) float32
+    n_words: int
+    n_kept: int
+    empty_words: int
+    states: np.ndarray | None = None  # (n_subwords, d) float32 (with ``states_layer``)
+    first: np.ndarray | None = None   # (n_kept,) int32
 
 
 def fix_empty_words(tokenizer: Any, samples: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[int]]:
@@ -215,17 +233,49 @@ def first_subwords(batch: Any, b: int) -> list[int]:
     return [first[w] for w in range(len(first))]
 
 
+CHUNK_SAMPLES = 2048  # samples batched by length together: memory holds one chunk's features
+
+
 def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size: int = 32,
                   progress: str | None = None, states_layer: int | None = None) -> WordFeatures:
-    """Pre-split words per sample -> (n_kept_words, n_layers, d) first-sub-word features each.
+    """Pre-split words per sample -> (n_kept_words, n_layers, d) first-sub-word features each, in memory.
 
-    Samples are batched by length (fewer pads); the result keeps the input order.
+    All samples are batched by length together (fewer pads); the result keeps the input order.
+    The ``text`` stage streams with :func:`iter_word_features` instead.
+    """
+    out = list(iter_word_features(enc, samples, batch_size=batch_size, progress=progress,
+                                  states_layer=states_layer, chunk=max(1, len(samples))))
+    keep_states = states_layer is not None
+    return WordFeatures(features=[o.feats for o in out], n_words=[o.n_words for o in out],
+                        n_kept=[o.n_kept for o in out], empty_words=[o.empty_words for o in out],
+                        states=[o.states for o in out] if keep_states else None,  # type: ignore[misc]
+                        first=[o.first for o in out] if keep_states else None)  # type: ignore[misc]
+
+
+def iter_word_features(enc: TextEncoder, samples: Iterable[Sequence[str]], batch_size: int = 32,
+                       progress: str | None = None, states_layer: int | None = None,
+                       chunk: int = CHUNK_SAMPLES, total: int | None = None) -> Iterator[SampleFeatures]:
+    """Pre-split words per sample -> one :class:`SampleFeatures` per sample, in input order.
+
+    Samples are taken ``chunk`` at a time and batched by length inside a chunk (fewer pads),
+    so memory holds one chunk's features whatever the dataset's size.
     ``states_layer``: also keep ``hidden_states[states_layer]`` at every sub-word position and
     the first-sub-word positions (the input of the top layers for ``text.tune_top``).
     ``progress``: label of a progress bar (samples/s) on stderr; None shows none.
     """
     from pipeline.progress import progress as progress_bar
 
+    if total is None and isinstance(samples, Sequence):
+        total = len(samples)
+    it = iter(samples)
+    with progress_bar(total=total, desc=progress, unit="sample", disable=progress is None, mininterval=1.0) as bar:
+        while block := list(islice(it, max(1, int(chunk)))):
+            yield from _chunk_features(enc, block, batch_size, states_layer, bar)
+
+
+def _chunk_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size: int,
+                    states_layer: int | None, bar: Any) -> list[SampleFeatures]:
+    """:func:`iter_word_features` for one chunk, batched by length, in input order."""
     words, empty_counts = fix_empty_words(enc.tokenizer, samples)
     n = len(words)
     feats: list[np.ndarray | None] = [None] * n
@@ -234,34 +284,33 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
     kept = [0] * n
     n_layers, d = len(enc.layers), enc.hidden_size
     order = sorted(range(n), key=lambda i: (len(words[i]), i))
-    with progress_bar(total=n, desc=progress, unit="sample", disable=progress is None, mininterval=1.0) as bar:
-        for start in range(0, n, max(1, int(batch_size))):
-            idx = order[start:start + batch_size]
-            bar.update(len(idx))
-            nonempty = [i for i in idx if words[i]]
-            for i in idx:
-                if not words[i]:
-                    feats[i] = np.zeros((0, n_layers, d), np.float32)
-                    states[i], firsts[i] = np.zeros((0, d), np.float32), np.zeros(0, np.int32)
-            if not nonempty:
-                continue
-            batch = tokenize_words(enc, [words[i] for i in nonempty])
-            hs, st = _hidden_states(enc, {k: v for k, v in batch.items()}, states_layer)  # (B, L, n_layers, d)
-            lengths = batch["attention_mask"].sum(dim=1).tolist()
-            for b, i in enumerate(nonempty):
-                try:
-                    first = first_subwords(batch, b)
-                except RuntimeError as e:
-                    raise RuntimeError(f"sample {i}: {e}") from None
-                kept[i] = len(first)  # words are kept in order: exactly 0 .. n_kept-1
-                feats[i] = hs[b, first].numpy().astype(np.float32, copy=False)
-                if st is not None:
-                    states[i] = st[b, :int(lengths[b])].numpy().astype(np.float32, copy=False)  # (n_sub, d)
-                    firsts[i] = np.asarray(first, dtype=np.int32)
-    keep_states = states_layer is not None
-    return WordFeatures(features=[f for f in feats], n_words=[len(w) for w in words], n_kept=kept,
-                        empty_words=empty_counts, states=states if keep_states else None,  # type: ignore[arg-type]
-                        first=firsts if keep_states else None)  # type: ignore[arg-type]
+    for start in range(0, n, max(1, int(batch_size))):
+        idx = order[start:start + batch_size]
+        bar.update(len(idx))
+        nonempty = [i for i in idx if words[i]]
+        for i in idx:
+            if not words[i]:
+                feats[i] = np.zeros((0, n_layers, d), np.float32)
+                states[i], firsts[i] = np.zeros((0, d), np.float32), np.zeros(0, np.int32)
+        if not nonempty:
+            continue
+        batch = tokenize_words(enc, [words[i] for i in nonempty])
+        hs, st = _hidden_states(enc, {k: v for k, v in batch.items()}, states_layer)  # (B, L, n_layers, d)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for b, i in enumerate(nonempty):
+            try:
+                first = first_subwords(batch, b)
+            except RuntimeError as e:
+                raise RuntimeError(f"sample {i}: {e}") from None
+            kept[i] = len(first)  # words are kept in order: exactly 0 .. n_kept-1
+            feats[i] = hs[b, first].numpy().astype(np.float32, copy=False)  # fancy indexing: already a copy
+            if st is not None:
+                states[i] = st[b, :int(lengths[b])].numpy().astype(np.float32, copy=True)  # (n_sub, d), not a view of the batch
+                firsts[i] = np.asarray(first, dtype=np.int32)
+    keep = states_layer is not None
+    return [SampleFeatures(feats=feats[i], n_words=len(words[i]), n_kept=kept[i],  # type: ignore[arg-type]
+                           empty_words=empty_counts[i], states=states[i] if keep else None,
+                           first=firsts[i] if keep else None) for i in range(n)]
 
 
 def prompt_text(template: str, tag_type: str, mask_token: str) -> str:
