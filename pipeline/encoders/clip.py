@@ -12,11 +12,22 @@ is ever downloaded. Accepted checkpoints:
 ``encode_images`` returns the projected pooled embedding exactly as ``model.encode_image``
 gives it (NOT normalised; retrieval normalises) and the patch tokens after the final layer
 norm, before projection (open_clip ``VisionTransformer.output_tokens``).
+
+``clip.precision: bf16`` runs the image tower under bfloat16 autocast (matrix products and
+convolutions in bfloat16, layer norms, softmax and the residual stream in float32; the
+weights of those products are cast once at load, not per batch, and attention is computed
+with ``scaled_dot_product_attention`` on contiguous tensors, which autocast's slow
+``nn.MultiheadAttention`` path would not do). It changes the features, so the image stages
+put the precision used in their fingerprints. On a CPU without bfloat16 instructions
+(``avx512_bf16``/``amx_bf16`` on x86, ``bf16`` on Arm, per /proc/cpuinfo) it falls back to
+fp32 with a message, and the fallback is what gets recorded. The text tower always runs in fp32.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import types
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +42,8 @@ from pipeline.paths import project_path
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 RANDOM_INIT_SEED = 0
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+PRECISIONS = ("fp32", "bf16")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 flags / Arm Features that mean native bfloat16
 
 
 class ClipLoadError(RuntimeError):
@@ -46,6 +59,12 @@ class ClipBundle:
     tokenizer: Callable  # list[str] -> (N, context_length) long tensor (open_clip BPE)
     provenance: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: dict[str, Any] = field(default_factory=lambda: {"requested": "fp32", "used": "fp32"})
+
+    @property
+    def precision_used(self) -> str:
+        """``fp32`` or ``bf16``: what the image tower really runs in (the fingerprint's value)."""
+        return str(self.precision["used"])
 
     @property
     def embed_dim(self) -> int:
@@ -117,6 +136,91 @@ def _load_torchscript(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+# ---- precision ------------------------------------------------------------------------------
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags of the first processor in /proc/cpuinfo (x86 ``flags``, Arm ``Features``); {} if unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> dict[str, Any]:
+    """``{"requested", "used"[, "fallback"]}``: bf16 runs only where the hardware has bfloat16 arithmetic."""
+    if requested not in PRECISIONS:
+        raise ClipLoadError(f"params.yaml: clip.precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    out: dict[str, Any] = {"requested": requested, "used": requested}
+    if requested == "fp32":
+        return out
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            out.update(used="fp32", fallback=f"{device} has no bfloat16 support")
+        return out
+    if device.type != "cpu":
+        out.update(used="fp32", fallback=f"bf16 autocast is not supported here on device {device}")
+        return out
+    flags = cpu_flags() if flags is None else flags
+    have = sorted(set(CPU_BF16_FLAGS) & flags)
+    if have:
+        out["cpu_flags"] = have
+    else:
+        out.update(used="fp32", fallback="this CPU has no bfloat16 instructions (none of "
+                                         f"{', '.join(CPU_BF16_FLAGS)} in /proc/cpuinfo)")
+    return out
+
+
+def _sdpa_attention(self: torch.nn.Module, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
+                    v_x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """open_clip ``ResidualAttentionBlock.attention`` (self-attention, no mask) on contiguous tensors.
+
+    The same arithmetic as ``nn.MultiheadAttention``; under autocast its slow path multiplies a
+    transposed input, which copies the in-projection weight once per token position.
+    """
+    attn = self.attn
+    if k_x is not None or v_x is not None or attn_mask is not None:
+        return self._mha_attention(q_x, k_x, v_x, attn_mask)
+    x = q_x if attn.batch_first else q_x.transpose(0, 1)  # (N, L, E)
+    n, length, e = x.shape
+    h = attn.num_heads
+    qkv = torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3E)
+    q, k, v = qkv.view(n, length, 3, h, e // h).permute(2, 0, 3, 1, 4)  # each (N, h, L, E/h)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (N, h, L, E/h)
+    o = torch.nn.functional.linear(o.transpose(1, 2).reshape(n, length, e), attn.out_proj.weight, attn.out_proj.bias)
+    return o if attn.batch_first else o.transpose(0, 1)
+
+
+def _enable_bf16(visual: torch.nn.Module, device: torch.device) -> None:
+    """Run ``visual`` under bfloat16 autocast: product weights cast once, attention on contiguous tensors."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    for m in visual.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.to(torch.bfloat16)
+        elif isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None:
+            m.in_proj_weight.data = m.in_proj_weight.data.to(torch.bfloat16)
+            if m.in_proj_bias is not None:
+                m.in_proj_bias.data = m.in_proj_bias.data.to(torch.bfloat16)
+        if isinstance(m, ResidualAttentionBlock) and isinstance(getattr(m, "attn", None), torch.nn.MultiheadAttention) \
+                and m.attn.in_proj_weight is not None:
+            m._mha_attention = m.attention
+            m.attention = types.MethodType(_sdpa_attention, m)
+    if isinstance(getattr(visual, "proj", None), torch.nn.Parameter):
+        visual.proj.data = visual.proj.data.to(torch.bfloat16)
+    forward = visual.forward
+
+    def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    visual.forward = autocast_forward
+
+
 def load_clip(params_clip: Mapping[str, Any], device: str | None = None) -> ClipBundle:
     """Build the frozen CLIP model that ``params_clip`` (the ``clip`` params section) names."""
     import open_clip
@@ -179,6 +283,12 @@ def load_clip(params_clip: Mapping[str, Any], device: str | None = None) -> Clip
                             f"patch tokens need an open_clip VisionTransformer (a ViT model)")
     visual.output_tokens = True  # visual(x) -> (pooled (B, D), tokens (B, P, W))
     model = model.to(device).eval().requires_grad_(False)
+    precision = resolve_precision(str(params_clip.get("precision", "fp32") or "fp32"), device)
+    if precision.get("fallback"):
+        print(f"clip.precision: bf16 requested, running fp32: {precision['fallback']} (recorded as fp32 in the "
+              f"fingerprint and the report; set clip.precision: fp32 to silence this)", file=sys.stderr)
+    if precision["used"] == "bf16":
+        _enable_bf16(visual, device)
     tokenizer = open_clip.get_tokenizer(name)
     provenance = {
         "model": name,
@@ -187,7 +297,8 @@ def load_clip(params_clip: Mapping[str, Any], device: str | None = None) -> Clip
         "embed_dim": int(visual.output_dim),
         "patch_width": int(visual.transformer.width),
     }
-    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, provenance=provenance, device=device)
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, provenance=provenance, device=device,
+                      precision=precision)
 
 
 @torch.inference_mode()
@@ -196,7 +307,7 @@ def encode_images(bundle: ClipBundle, batch: torch.Tensor) -> tuple[torch.Tensor
 
     ``pooled`` is exactly ``model.encode_image(batch)`` (unnormalised); ``tokens`` are the
     final-layer-norm outputs at the patch positions (class token excluded), before projection.
-    Both are float32 on the CPU.
+    Both are float32 on the CPU (with ``clip.precision: bf16``, bfloat16 values widened).
     """
     pooled, tokens = bundle.model.visual(batch.to(bundle.device, non_blocking=True))
     return pooled.float().cpu(), tokens.float().cpu()

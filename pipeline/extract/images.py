@@ -12,8 +12,12 @@ always empty (all-masked), whatever the fallback mode.
 
 Fingerprints. A run fingerprint hashes the stage, the model (name, weights sha256 or
 random-init, preprocessing), the params that shape the features (execution knobs such as
-batch sizes, workers, threads and device are left out, so changing them reuses the cache)
-and, for regions, the detector or the annotations file's sha256. Each shard adds its ids
+batch sizes, workers, threads and device are left out, so changing them reuses the cache),
+the precision the image tower ran in (``clip.precision``, as used: a bf16 request on a CPU
+without bfloat16 instructions runs and is recorded as fp32), the storage dtype of the token
+features (``shards.dtype`` for ``patch_tokens`` and region ``feats``; ``pooled`` is always
+float32, so retrieval lists do not depend on it) and, for regions, the detector or the
+annotations file's sha256. Each shard adds its ids
 and one key per image (manifest path and status + sha256 of the image file's bytes), so a
 changed, added or removed image recomputes only the shards it touches.
 
@@ -194,6 +198,7 @@ class ImageStageSetup:
     batch_size: int
     workers: int
     device: str
+    storage: str  # shards.dtype: float32 | float16 | bfloat16 for patch tokens and region features
 
 
 def _image_setup(dataset: str, params: Mapping[str, Any]) -> ImageStageSetup:
@@ -211,13 +216,15 @@ def _image_setup(dataset: str, params: Mapping[str, Any]) -> ImageStageSetup:
         batch_size=positive_int(clip["batch_size"], "clip.batch_size"),
         workers=non_negative_int(clip["workers"], "clip.workers"),
         device=resolve_device(clip.get("device", "cpu")),
+        storage=storage_dtype_param(params["shards"]),
     )
 
 
 def _run_image_stage(stage: str, setup: ImageStageSetup, out_dir: Path, run_fp: str, provenance: dict,
                      make_compute: Callable[[ShardFeeder, ImageReport, dict], Callable[[list[str]], dict]],
                      raw: bool, preprocess: Callable | None, shard_index: int, shard_count: int,
-                     extra_report: dict | None = None, t_start: float | None = None) -> dict[str, Any]:
+                     extra_report: dict | None = None, t_start: float | None = None,
+                     dtypes: Mapping[str, str] | None = None) -> dict[str, Any]:
     from pipeline.stores.shards import plan_work, run_shards
 
     t0 = t_start if t_start is not None else time.perf_counter()
@@ -232,7 +239,7 @@ def _run_image_stage(stage: str, setup: ImageStageSetup, out_dir: Path, run_fp: 
     compute = make_compute(feeder, images, counters)
     stats = run_shards(ids, setup.shard_size, out_dir, run_fp, provenance, compute,
                        shard_index=shard_index, shard_count=shard_count,
-                       progress_desc=f"{stage}@{setup.dataset}", item_keys=keys, work=work)
+                       progress_desc=f"{stage}@{setup.dataset}", item_keys=keys, work=work, dtypes=dtypes)
     report = {
         "stage": stage,
         "dataset": setup.dataset,
@@ -258,6 +265,29 @@ def _image_params_part(setup: ImageStageSetup) -> dict[str, Any]:
     return {"images": {k: (list(v) if isinstance(v, tuple) else v) for k, v in setup.policy.__dict__.items()}}
 
 
+DEFAULT_STORAGE_DTYPE = "float32"  # shards.dtype when a params file has none (the schema's default; params.yaml sets float16)
+
+
+def storage_dtype_param(shards: Mapping[str, Any]) -> str:
+    """``shards.dtype`` (float32 | float16 | bfloat16), checked."""
+    from pipeline.stores.shards import check_storage_dtype
+
+    try:
+        return check_storage_dtype(str(shards.get("dtype", DEFAULT_STORAGE_DTYPE)))
+    except ValueError as e:
+        raise ExtractError(f"params.yaml: {e}") from None
+
+
+def features_part(precision: Mapping[str, Any], storage: Mapping[str, str]) -> dict[str, Any]:
+    """What changes the stored features besides model and images: the precision used, the storage dtypes."""
+    return {"precision": str(precision["used"]), "storage": dict(sorted(storage.items()))}
+
+
+def _precision_report(bundle: Any) -> dict[str, Any]:
+    p = dict(bundle.precision)
+    return {"precision": p, "precision_fallbacks": int(bool(p.get("fallback")))}
+
+
 # ---- patches ------------------------------------------------------------------------------------
 
 # Version of what an image shard holds, part of every run fingerprint. The shard dirs are
@@ -267,9 +297,10 @@ def _image_params_part(setup: ImageStageSetup) -> dict[str, Any]:
 FEATURES_VERSION = 1
 
 
-def patches_fingerprint(clip_provenance: Mapping[str, Any], image_params: Mapping[str, Any]) -> str:
-    """Run fingerprint of a patches cache: model + weights + preprocessing + image params."""
-    return fingerprint("patches", FEATURES_VERSION, dict(clip_provenance), dict(image_params))
+def patches_fingerprint(clip_provenance: Mapping[str, Any], image_params: Mapping[str, Any],
+                        features: Mapping[str, Any]) -> str:
+    """Run fingerprint of a patches cache: model + weights + preprocessing + image params + precision/storage."""
+    return fingerprint("patches", FEATURES_VERSION, dict(clip_provenance), dict(image_params), dict(features))
 
 
 def extract_patches(dataset: str, params: Mapping[str, Any], shard_index: int = 0, shard_count: int = 1,
@@ -283,8 +314,11 @@ def extract_patches(dataset: str, params: Mapping[str, Any], shard_index: int = 
     bundle = load_clip(params["clip"], device=setup.device)
     zero = setup.policy.fallback == "zero"
     image_part = _image_params_part(setup)
-    run_fp = patches_fingerprint(bundle.provenance, image_part)
+    dtypes = {"pooled": "float32", "patch_tokens": setup.storage}  # pooled: float32 always (retrieval)
+    feat = features_part(bundle.precision, dtypes)
+    run_fp = patches_fingerprint(bundle.provenance, image_part, feat)
     provenance = {"stage": "patches", "dataset": dataset, "clip": bundle.provenance, "params": image_part,
+                  "precision": dict(bundle.precision), "storage": feat["storage"],
                   "fallback": "zero features" if zero else "grey image encoded",
                   "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
     out = Path(out_dir) if out_dir else features_dir(dataset, "patches")
@@ -309,10 +343,10 @@ def extract_patches(dataset: str, params: Mapping[str, Any], shard_index: int = 
 
     extra = {"model": bundle.provenance["model"], "weights": bundle.provenance["weights"]["sha256"],
              "batch_size": setup.batch_size, "workers": setup.workers, "device": setup.device,
-             "threads": torch.get_num_threads()}
+             "threads": torch.get_num_threads(), "storage": feat["storage"], **_precision_report(bundle)}
     return _run_image_stage("patches", setup, out, run_fp, provenance, make_compute, raw=False,
                             preprocess=bundle.preprocess, shard_index=shard_index, shard_count=shard_count,
-                            extra_report=extra, t_start=t0)
+                            extra_report=extra, t_start=t0, dtypes=dtypes)
 
 
 # ---- regions ------------------------------------------------------------------------------------
@@ -329,9 +363,10 @@ def annotations_file(ds_params: Mapping[str, Any], dataset: str) -> Path:
 
 
 def regions_fingerprint(clip_provenance: Mapping[str, Any], region_source: Mapping[str, Any],
-                        image_params: Mapping[str, Any]) -> str:
-    """Run fingerprint of a regions cache: CLIP + detector (or annotations sha) + image params."""
-    return fingerprint("regions", FEATURES_VERSION, dict(clip_provenance), dict(region_source), dict(image_params))
+                        image_params: Mapping[str, Any], features: Mapping[str, Any]) -> str:
+    """Run fingerprint of a regions cache: CLIP + detector (or annotations sha) + image params + precision/storage."""
+    return fingerprint("regions", FEATURES_VERSION, dict(clip_provenance), dict(region_source), dict(image_params),
+                       dict(features))
 
 
 def image_regions(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int,
@@ -391,14 +426,17 @@ def extract_regions(dataset: str, params: Mapping[str, Any], shard_index: int = 
         source = {"source": "annotations", "topk": k, "file": str(params["datasets"][dataset]["annotations"]),
                   "sha256": annotations_sha(ann_path)}
     image_part = _image_params_part(setup)
-    run_fp = regions_fingerprint(bundle.provenance, source, image_part)
+    dtypes = {"feats": setup.storage}
+    feat = features_part(bundle.precision, dtypes)
+    run_fp = regions_fingerprint(bundle.provenance, source, image_part, feat)
     provenance = {"stage": "regions", "dataset": dataset, "clip": bundle.provenance, "regions": source,
-                  "params": image_part, "boxes": "normalised x1 y1 x2 y2 in [0, 1]",
+                  "params": image_part, "precision": dict(bundle.precision), "storage": feat["storage"], "boxes": "normalised x1 y1 x2 y2 in [0, 1]",
                   "labels": "torchvision COCO category ids", "fallback": "no regions (all masked)",
                   "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
     out = Path(out_dir) if out_dir else features_dir(dataset, "regions")
     extra: dict[str, Any] = {"source": settings["source"], "topk": k, "batch_size": setup.batch_size,
-                             "crop_batch_size": crop_bs, "workers": setup.workers, "device": setup.device}
+                             "crop_batch_size": crop_bs, "workers": setup.workers, "device": setup.device,
+                             "storage": feat["storage"], **_precision_report(bundle)}
     if annotations is not None:
         known = {r.image_id for r in setup.records}
         extra["annotated_images_not_in_manifest"] = sum(1 for i in annotations if i not in known)
@@ -448,4 +486,5 @@ def extract_regions(dataset: str, params: Mapping[str, Any], shard_index: int = 
         return compute
 
     return _run_image_stage("regions", setup, out, run_fp, provenance, make_compute, raw=True, preprocess=None,
-                            shard_index=shard_index, shard_count=shard_count, extra_report=extra, t_start=t0)
+                            shard_index=shard_index, shard_count=shard_count, extra_report=extra, t_start=t0,
+                            dtypes=dtypes)

@@ -12,6 +12,13 @@ dtype, shape and bytes; for ``ids``, over the id list), and every numeric datase
 with HDF5 per-chunk Fletcher-32 checksums, so any read of a damaged chunk fails (reported
 as :class:`CorruptShardError`, naming the file and the dataset).
 
+Storage precision: a float dataset can be stored as ``float32``, ``float16`` (HDF5's IEEE
+half) or ``bfloat16``. HDF5 has no bfloat16 type, so bfloat16 is stored as ``uint16`` bit
+patterns (the upper half of each float32, rounded to nearest even, as torch rounds) with the
+dataset attribute ``encoding = "bfloat16"``; its digest hashes the label ``bfloat16`` instead
+of ``<u2``, so the attribute is covered too. :class:`ShardReader` decodes both to float32
+unless asked for the stored arrays (``raw=True``).
+
 A shard counts as done only if it opens, is complete, holds ``count`` ids, its
 fingerprint matches and every digest verifies; anything else (missing, truncated,
 foreign, stale, damaged, written before digests) is recomputed, and a shard that fails
@@ -42,6 +49,10 @@ _TMP_RE = re.compile(r"^\.shard-(\d{5,})\.h5\..+\.tmp$")
 _LIBVER = ("v110", "v110")  # fixed-array chunk index (O(1) chunk lookup); readable by HDF5 >= 1.10
 _STR = h5py.string_dtype("utf-8")
 DIGEST_ATTR = "sha256"  # per dataset: sha256 of its dtype, shape and bytes (ids: of the id list)
+ENCODING_ATTR = "encoding"  # per dataset, only where the stored bits are not the numpy dtype: "bfloat16"
+BFLOAT16 = "bfloat16"
+STORAGE_DTYPES = ("float32", "float16", BFLOAT16)  # shards.dtype: how float features are stored
+_ENCODINGS = (BFLOAT16,)
 BLOCK_BYTES = 64 << 20  # rows read at a time when a whole dataset is scanned
 
 
@@ -137,22 +148,118 @@ def shard_fingerprint(run_fingerprint: str, ids: Sequence[str], item_keys: Seque
     return hash_parts(*parts)
 
 
+# ---- storage precision ------------------------------------------------------------------------
+
+class StorageOverflowError(ValueError):
+    """Finite values that the chosen storage dtype cannot hold (float16 beyond +-65504)."""
+
+
+def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN -> 0x7FC0 (torch's rule).
+
+    The same bits as ``torch.tensor(a).to(torch.bfloat16).view(torch.int16)`` for every
+    non-NaN input; values past bfloat16's largest finite value round to +-inf, as in torch.
+    """
+    f = np.ascontiguousarray(a, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)  # no wrap-around in the sum below
+    out = ((u + (np.uint64(0x7FFF) + ((u >> np.uint64(16)) & np.uint64(1)))) >> np.uint64(16)).astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 (exact: every bfloat16 is a float32)."""
+    b = np.ascontiguousarray(bits)
+    if b.dtype != np.uint16:
+        raise ValueError(f"bfloat16 bits must be uint16, got {b.dtype}")
+    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def check_storage_dtype(dtype: str, what: str = "shards.dtype") -> str:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"{what} must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def encode_storage(a: np.ndarray, dtype: str, name: str = "array") -> tuple[np.ndarray, str | None]:
+    """``(stored array, encoding attribute or None)`` of a float array stored as ``dtype``.
+
+    float32 and float16 are stored as themselves (round to nearest even); bfloat16 as uint16
+    bits with encoding ``bfloat16``. A finite value that float16 cannot hold (beyond +-65504)
+    raises :class:`StorageOverflowError` rather than becoming inf.
+    """
+    check_storage_dtype(dtype)
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise ValueError(f"array {name!r} has dtype {a.dtype}; a storage dtype applies to float arrays only")
+    if dtype == BFLOAT16:
+        return to_bfloat16_bits(a), BFLOAT16
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+        out = np.ascontiguousarray(a, dtype=np.dtype(dtype))
+    if dtype == "float16" and a.dtype.itemsize > 2:
+        with np.errstate(over="ignore", invalid="ignore"):
+            lost = np.isinf(out) & np.isfinite(a)
+        if lost.any():
+            worst = float(np.abs(a[lost]).max())
+            raise StorageOverflowError(
+                f"array {name!r}: {int(lost.sum())} finite value(s) beyond float16's range (+-65504; largest "
+                f"{worst:.6g}) would become inf; store it as bfloat16 or float32 (shards.dtype)")
+    return out, None
+
+
+def decode_storage(a: np.ndarray, encoding: str | None) -> np.ndarray:
+    """A stored array as float32 values: bfloat16 bits decoded, float16 widened; anything else as is."""
+    if encoding == BFLOAT16:
+        return from_bfloat16_bits(a)
+    if encoding:
+        raise ValueError(f"unknown storage encoding {encoding!r} (known: {', '.join(_ENCODINGS)})")
+    a = np.asarray(a)
+    return a.astype(np.float32) if a.dtype == np.float16 else a
+
+
+def dataset_encoding(ds: h5py.Dataset) -> str | None:
+    """A dataset's ``encoding`` attribute (``"bfloat16"``) or None; an unknown one raises :class:`CorruptShardError`."""
+    enc = ds.attrs.get(ENCODING_ATTR)
+    if enc is None:
+        return None
+    enc = _attr_str(enc)
+    if enc not in _ENCODINGS or ds.dtype != np.uint16:
+        name = ds.name.lstrip("/")
+        detail = (f"unknown storage encoding {enc!r} on dtype {ds.dtype} (known: bfloat16 stored as uint16); "
+                  f"written by a newer version?")
+        raise CorruptShardError(f"{ds.file.filename}: dataset {name!r}: {detail}", name, detail)
+    return enc
+
+
+def storage_dtype(ds: h5py.Dataset) -> str:
+    """How a dataset is stored, by name: ``bfloat16``, ``float16``, ``float32``, ``int64``, ``bool``, ``utf-8 str``."""
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return "utf-8 str"
+    return dataset_encoding(ds) or str(ds.dtype)
+
+
 # ---- content digests and checked reads ------------------------------------------------------
 
 def _attr_str(v: Any) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
-def array_digest(a: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and C-order bytes: what ``write_shard`` stores per dataset."""
+def array_digest(a: np.ndarray, encoding: str | None = None) -> str:
+    """sha256 of an array's dtype, shape and C-order bytes: what ``write_shard`` stores per dataset.
+
+    ``a`` is the stored array; with ``encoding`` (``"bfloat16"``) that name replaces the dtype.
+    """
     a = np.ascontiguousarray(a)
-    h = _hasher(a.dtype, a.shape)
+    h = _hasher(a.dtype, a.shape, encoding)
     h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
-def _hasher(dtype: np.dtype, shape: tuple[int, ...]) -> Any:
-    return hashlib.sha256(f"{np.dtype(dtype).str}{tuple(int(n) for n in shape)}".encode())
+def _hasher(dtype: np.dtype, shape: tuple[int, ...], encoding: str | None = None) -> Any:
+    label = encoding or np.dtype(dtype).str
+    return hashlib.sha256(f"{label}{tuple(int(n) for n in shape)}".encode())
 
 
 def _ids_digest(ids: Sequence[str]) -> str:
@@ -185,14 +292,16 @@ def row_blocks(path: str | os.PathLike, ds: h5py.Dataset) -> Iterator[tuple[int,
 
 def dataset_digest(path: str | os.PathLike, ds: h5py.Dataset,
                    visit: Callable[[str, int, np.ndarray], None] | None = None) -> str:
-    """The digest of a stored dataset, read block by block (``visit(name, start, block)`` sees each numeric block)."""
+    """The digest of a stored dataset, read block by block (``visit(name, start, block)`` sees each
+    numeric block's values: bfloat16 bits decoded to float32)."""
     if h5py.check_string_dtype(ds.dtype) is not None:
         return _ids_digest(read_ids(path, ds))
-    h = _hasher(ds.dtype, ds.shape)
+    encoding = dataset_encoding(ds)
+    h = _hasher(ds.dtype, ds.shape, encoding)
     name = ds.name.lstrip("/")
     for start, block in row_blocks(path, ds):
         if visit is not None:
-            visit(name, start, block)
+            visit(name, start, decode_storage(block, encoding) if encoding else block)
         h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
     return h.hexdigest()
 
@@ -251,12 +360,15 @@ def write_shard(
     run_fingerprint: str | None = None,
     compression: str | None = None,
     compression_opts: int | None = None,
+    dtypes: Mapping[str, str] | None = None,
 ) -> None:
     """Write one shard atomically and deterministically (same inputs -> same bytes).
 
     ``arrays``: name -> (N, ...) array; each item is one chunk. ``compression``: None
     (default), ``"lzf"`` or ``"gzip"`` (``compression_opts`` = level). ``run_fingerprint``
     (default: hash of ``provenance``) is what every shard of one cache must share.
+    ``dtypes``: name -> storage dtype (``float32`` | ``float16`` | ``bfloat16``, see
+    :func:`encode_storage`) for float arrays; the others are stored as given.
     """
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
@@ -265,6 +377,14 @@ def write_shard(
     if compression not in (None, "lzf", "gzip"):
         raise ValueError(f"{path}: compression must be none, 'lzf' or 'gzip', got {compression!r}")
     arrays = _check_arrays(ids, arrays, str(path))
+    encodings: dict[str, str | None] = {}
+    for name, dt in (dtypes or {}).items():
+        if name not in arrays:
+            raise ValueError(f"{path}: dtypes names {name!r}, which is not among the arrays ({', '.join(sorted(arrays))})")
+        try:
+            arrays[name], encodings[name] = encode_storage(arrays[name], dt, name)
+        except ValueError as e:
+            raise type(e)(f"{path}: {e}") from None
     prov_json = canonical_json(dict(provenance))
     run_fp = run_fingerprint or hash_parts("provenance", json.loads(prov_json))
     with atomic_path(path) as tmp:
@@ -282,7 +402,9 @@ def write_shard(
                         if compression_opts is not None:
                             kw["compression_opts"] = compression_opts
                 ds = f.create_dataset(name, data=a, **kw)
-                ds.attrs[DIGEST_ATTR] = array_digest(a)
+                ds.attrs[DIGEST_ATTR] = array_digest(a, encodings.get(name))
+                if encodings.get(name):
+                    ds.attrs[ENCODING_ATTR] = encodings[name]
             f.attrs["provenance"] = prov_json
             f.attrs["fingerprint"] = str(fingerprint)
             f.attrs["run_fingerprint"] = run_fp
@@ -388,6 +510,7 @@ def run_shards(
     compression: str | None = None,
     compression_opts: int | None = None,
     work: ShardWork | None = None,
+    dtypes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Compute and write every shard this worker owns that is not already done.
 
@@ -395,8 +518,9 @@ def run_shards(
     params); each shard adds its ids (and ``item_keys[id]``, e.g. a file hash, if given),
     so changing one id rewrites only its shard. ``compute(ids) -> {name: (len(ids), ...)}``.
     ``work``: the :func:`plan_work` of these same arguments, if the caller already made it
-    (each shard is then verified once). Shard files beyond the plan are deleted (every
-    worker; nobody writes there); temp leftovers only when ``shard_count == 1`` (other
+    (each shard is then verified once). ``dtypes``: storage dtype per array (:func:`write_shard`);
+    it must be part of ``fingerprint``, since it changes what a shard holds. Shard files
+    beyond the plan are deleted (every worker; nobody writes there); temp leftovers only when ``shard_count == 1`` (other
     workers may be writing theirs). Returns stats: shards_total, shards_selected,
     shards_written, shards_skipped, shards_failed_verification (file -> why; rewritten),
     verify_seconds (checking the existing shards), shards_deleted, items, seconds, items_per_s.
@@ -425,7 +549,7 @@ def run_shards(
         for k, sfp in work.todo:
             arrays = compute(list(plan[k]))
             write_shard(shard_path(out, k), plan[k], arrays, provenance, sfp, run_fingerprint=fingerprint,
-                        compression=compression, compression_opts=compression_opts)
+                        compression=compression, compression_opts=compression_opts, dtypes=dtypes)
             items += len(plan[k])
             bar.update(len(plan[k]))
     seconds = time.perf_counter() - t0
@@ -459,9 +583,14 @@ class ShardReader:
     the cache grows. Handles are opened on first use and reopened after a fork (pid
     change); they are not pickled, so a reader can go into DataLoader workers.
     ``max_open`` bounds the open files (LRU).
+
+    Reduced-precision datasets (float16, bfloat16: ``stored_dtypes``) are returned as
+    float32 by default; ``raw=True`` returns them as stored (float16, or bfloat16 bits as
+    uint16). ``datasets`` gives each dataset's (item shape, returned dtype).
     """
 
-    def __init__(self, dir: str | os.PathLike, stage: str | None = None, max_open: int = 64) -> None:
+    def __init__(self, dir: str | os.PathLike, stage: str | None = None, max_open: int = 64,
+                 raw: bool = False) -> None:
         d = Path(dir)
         if d.is_file() and d.suffix == ".h5":
             files = [d]
@@ -474,11 +603,15 @@ class ShardReader:
         self.dir = d
         self.files: list[Path] = files
         self.max_open = max(1, int(max_open))
+        self.raw = bool(raw)
         self._ids: list[str] = []
         self._where: dict[str, tuple[int, int]] = {}
         self._provenance: dict | None = None
         self._run_fp: str | None = None
         self.datasets: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self.stored_dtypes: dict[str, str] = {}  # name -> bfloat16 | float16 | float32 | int64 | bool ...
+        self._encodings: dict[str, str | None] = {}
+        stored: dict[str, tuple[tuple[int, ...], str]] = {}
         for s, p in enumerate(files):
             try:
                 with h5py.File(p, "r") as f:
@@ -492,19 +625,23 @@ class ShardReader:
                     if _attr_str(f["ids"].attrs[DIGEST_ATTR]) != _ids_digest(ids):
                         raise _corrupt(p, "ids", "content does not match its sha256 digest")
                     run_fp = _attr_str(f.attrs.get("run_fingerprint", ""))
-                    layout = {k: (f[k].shape[1:], f[k].dtype) for k in f.keys() if k != "ids"}
+                    layout = {k: (f[k].shape[1:], storage_dtype(f[k])) for k in f.keys() if k != "ids"}
                     if s == 0:
                         self._provenance = json.loads(_attr_str(f.attrs.get("provenance", "{}")))
                         self._run_fp = run_fp
-                        self.datasets = layout
+                        stored = layout
+                        self._encodings = {k: dataset_encoding(f[k]) for k in layout}
+                        self.stored_dtypes = {k: dt for k, (_, dt) in layout.items()}
+                        self.datasets = {k: (shape, self._returned_dtype(f[k].dtype, self._encodings[k]))
+                                         for k, (shape, _) in layout.items()}
                     else:
                         if run_fp != self._run_fp:
                             raise ShardError(
                                 f"{p}: written with fingerprint {run_fp[:12]}, but {files[0].name} with "
                                 f"{(self._run_fp or '')[:12]}: the shards come from different runs "
                                 f"(model, weights, params or inputs differ); rerun the stage that writes {d}")
-                        if layout != self.datasets:
-                            raise ShardError(f"{p}: datasets {layout} differ from {files[0].name}: {self.datasets}")
+                        if layout != stored:
+                            raise ShardError(f"{p}: datasets {layout} differ from {files[0].name}: {stored}")
             except ShardError:
                 raise
             except Exception as e:
@@ -517,6 +654,14 @@ class ShardReader:
             self._ids.extend(ids)
         self._handles: OrderedDict[int, tuple[h5py.File, dict[str, h5py.Dataset]]] = OrderedDict()
         self._pid = os.getpid()
+
+    def _returned_dtype(self, dtype: np.dtype, encoding: str | None) -> np.dtype:
+        if self.raw:
+            return np.dtype(dtype)
+        return np.dtype(np.float32) if encoding or dtype == np.float16 else np.dtype(dtype)
+
+    def _decode(self, name: str, a: np.ndarray) -> np.ndarray:
+        return a if self.raw else decode_storage(a, self._encodings.get(name))
 
     # -- basic container protocol
     @property
@@ -577,23 +722,24 @@ class ShardReader:
         datasets = self._handle(s)[1]
         names = self.datasets if names is None else names
         what = f"row {row} (id {item_id!r})"
-        return {n: np.asarray(read_checked(self.files[s], datasets[n], row, what)) for n in names}
+        return {n: self._decode(n, np.asarray(read_checked(self.files[s], datasets[n], row, what))) for n in names}
 
     def __getitem__(self, key: int | str) -> dict[str, np.ndarray]:
         """By id (str) or by position in ``ids`` (int); a map-style Dataset as is."""
         return self.get(self._ids[key] if isinstance(key, (int, np.integer)) else key)
 
     def read_all(self, name: str) -> np.ndarray:
-        """The whole dataset ``name`` in ``ids`` order, shape (len, ...); each shard's part is checked against its digest."""
+        """The whole dataset ``name`` in ``ids`` order, shape (len, ...); each shard's part is checked against its
+        digest (float16/bfloat16 decoded to float32 unless ``raw``)."""
         if name not in self.datasets:
             raise KeyError(f"{self.dir}: no dataset {name!r} (have: {', '.join(self.datasets)})")
         parts = []
         for s, path in enumerate(self.files):
             ds = self._handle(s)[1][name]
             a = read_checked(path, ds)
-            if array_digest(a) != _attr_str(ds.attrs[DIGEST_ATTR]):
+            if array_digest(a, self._encodings.get(name)) != _attr_str(ds.attrs[DIGEST_ATTR]):
                 raise _corrupt(path, name, "content does not match its sha256 digest")
-            parts.append(a)
+            parts.append(self._decode(name, a))
         return np.concatenate(parts, axis=0)
 
     def close(self) -> None:
