@@ -13,7 +13,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.params import load_params
 from pipeline.paths import project_path
 from pipeline.retrieval.data import load_retrieval_set
-from pipeline.retrieval.retrieve_job import run_retrieve
+from pipeline.retrieval.retrieve_job import recall_line, run_retrieve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(report_path(ds, "retrieve"),
                {**report, "set": info, "load_s": round(load_s, 3), "total_s": round(time.perf_counter() - t0, 3)})
     for d, r in report["directions"].items():
-        extra = f", recall@10 vs exact {r['recall_vs_exact']['at_10']:.4f}" if "recall_vs_exact" in r else ""
         print(f"retrieve@{ds} {d}: {r['queries']} queries x {r['gallery']} ({r['kind']}) "
-              f"in {r['search_s']:.3f} s{extra}")
+              f"in {r['search_s']:.3f} s{recall_line(r)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""FAISS nearest-neighbour search by cosine: exact (IndexFlatIP), IVF and HNSW.
+"""FAISS nearest-neighbour search by cosine: exact (IndexFlatIP), IVF, HNSW and IVF-PQ.
 
 Vectors are L2-normalised to float32 first, so every score is a plain cosine. Results
 come back as ``(scores (Q, k) float32, ids (Q, k) int64)``, best first; among equal
@@ -8,6 +8,12 @@ which of the items tied at the k-th score it returns; :meth:`VectorIndex.search`
 past the k-th score until the ties end, then cuts. Slots an approximate index could not
 fill hold id -1 and score -inf. An approximate index is checked against exact search
 with :func:`recall_vs_exact`.
+
+Every returned score is FAISS's ``fvec_inner_product`` of the two float32 rows
+(:func:`exact_scores`): IVF and HNSW compute it so; flat search (BLAS for batches of 20+
+queries, whose last bits depend on the batch and the block) and IVF-PQ (approximate
+codes) are re-scored with it before the cut. So one (query, item) pair has one score
+whatever the index, batch or candidate set, and IVF-PQ hands re-ranking exact scores.
 """
 from __future__ import annotations
 
@@ -18,9 +24,14 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 BLAS_DATABASE_BLOCK = 16384  # gallery rows per BLAS block in exact search (FAISS's default: 1024)
 TIE_FETCH = 8  # extra results fetched per query, to see whether ties run past the k-th score
+# re-scored kinds fetch more while the last fetched exact score is within this of the k-th: far
+# above the float32 gap between BLAS and fvec_inner_product (<= 1.2e-7 measured at 16-768 dims)
+TIE_TOL = 1e-5
+MIN_POINTS_PER_LIST = 39  # FAISS's advice for k-means: nlist is cut to N // 39 for small galleries
+ADD_CHUNK = 262_144  # gallery rows added to an IVF-PQ index per call (bounds the temporaries)
 
 
 def _cpu_coretype() -> str | None:
@@ -88,6 +99,31 @@ def l2_normalize(x: np.ndarray, what: str = "vectors") -> np.ndarray:
     return a
 
 
+def exact_scores(queries: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact inner products of each query with its candidates: (Q, K) float32, -inf where id < 0.
+
+    ``queries`` (Q, D) and ``gallery`` (N, D) float32 C-contiguous (a ``np.memmap`` works: only
+    the candidate rows are read); ``ids`` (Q, K) rows into the gallery. FAISS's
+    ``fvec_inner_product`` per pair, the arithmetic of IVFFlat, HNSW and IndexFlatIP's
+    small-batch path, so a pair's score does not depend on what else is searched with it.
+    """
+    faiss = faiss_module()
+
+    q = np.ascontiguousarray(queries, np.float32)
+    ids = np.asarray(ids, np.int64)
+    if not (isinstance(gallery, np.ndarray) and gallery.dtype == np.float32 and gallery.flags.c_contiguous):
+        raise TypeError("exact_scores: gallery must be a C-contiguous float32 array (or np.memmap)")
+    if ids.size and int(ids.max()) >= gallery.shape[0]:
+        raise IndexError(f"exact_scores: id {int(ids.max())} past the gallery ({gallery.shape[0]} rows)")
+    safe = np.ascontiguousarray(np.where(ids < 0, 0, ids))  # (Q, K)
+    out = np.empty(ids.shape, np.float32)
+    if ids.size:
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(gallery),
+                                         faiss.swig_ptr(safe), q.shape[1], ids.shape[0], ids.shape[1])
+    out[ids < 0] = -np.inf
+    return out
+
+
 def _tie_order(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort each row by score descending, then id ascending; missing (-1) last."""
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
@@ -101,23 +137,34 @@ class VectorIndex:
     """A FAISS inner-product index over an L2-normalised gallery (N, D).
 
     ``kind``: ``flat`` (exact, IndexFlatIP), ``ivf`` (IndexIVFFlat, ``nlist`` lists, probes
-    ``nprobe``; ``nlist`` is cut to N for tiny galleries) or ``hnsw`` (IndexHNSWFlat,
-    ``hnsw_m`` links, ``ef_search``/``ef_construction``). IVF k-means runs ``ivf_niter``
-    iterations on at most ``ivf_train_per_list`` points per list (FAISS's defaults: 25, 256;
-    lower them to build large galleries faster). ``info`` records what was built
-    (effective sizes, build seconds, zero vectors). Flat and IVF are deterministic; the
-    HNSW graph built with several threads may differ from run to run (use threads=1).
+    ``nprobe``; ``nlist`` is cut to N / 39 for small galleries), ``hnsw`` (IndexHNSWFlat,
+    ``hnsw_m`` links, ``ef_search``/``ef_construction``) or ``ivfpq`` (IndexIVFPQ: IVF as
+    above, each vector stored as ``pq_m`` codes of ``pq_bits`` bits, 4 bits with FAISS's SIMD
+    fast scan (IndexIVFPQFastScan); per query the best ``pq_rescore`` x k + TIE_FETCH
+    candidates by code are re-scored exactly from ``gallery`` and cut to k). IVF (and PQ)
+    k-means runs ``ivf_niter`` iterations on at most ``ivf_train_per_list`` points per
+    centroid (FAISS's defaults: 25, 256; lower them to build large galleries faster). An
+    IVF-PQ gallery smaller than 2**pq_bits cannot train its codebooks: it is searched
+    exactly instead, recorded as ``info["fallback"]``. ``info`` records what was built
+    (effective sizes, build seconds, zero vectors). Flat, IVF and IVF-PQ are deterministic;
+    the HNSW graph built with several threads may differ from run to run (use threads=1).
+    With ``normalize=False`` the gallery is used as given (rows unit already; a float32
+    ``np.memmap`` is not copied: IVF-PQ then holds only codes in memory and reads the
+    candidate rows for re-scoring from the file).
     """
 
     gallery: np.ndarray
     kind: str = "flat"
     nlist: int = 64
-    nprobe: int = 8
+    nprobe: int = 40
     hnsw_m: int = 32
-    ef_search: int = 128
+    ef_search: int = 256
     ef_construction: int = 40
     ivf_niter: int = 25
     ivf_train_per_list: int = 256
+    pq_m: int = 64
+    pq_bits: int = 4
+    pq_rescore: int = 8
     threads: int | None = None
     normalize: bool = True
     info: dict[str, Any] = field(default_factory=dict, init=False)
@@ -134,21 +181,47 @@ class VectorIndex:
         self.gallery = g  # (N, D) float32, unit rows
         n, d = g.shape
         t0 = time.perf_counter()
-        info: dict[str, Any] = {"kind": self.kind, "ntotal": n, "dim": d,
-                                "zero_vectors": int((~g.any(axis=1)).sum())}
-        if self.kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        elif self.kind == "ivf":
+        zeros = sum(int((~g[s:s + ADD_CHUNK].any(axis=1)).sum()) for s in range(0, n, ADD_CHUNK))
+        info: dict[str, Any] = {"kind": self.kind, "ntotal": n, "dim": d, "zero_vectors": zeros}
+        self._rescore = self.kind in ("flat", "ivfpq")  # scores not fvec_inner_product's: re-score
+        self._fetch_factor = 1
+        if self.kind in ("ivf", "ivfpq"):
             for name in ("nlist", "nprobe"):
                 if int(getattr(self, name)) < 1:
                     raise ValueError(f"retrieval.{name} must be >= 1, got {getattr(self, name)!r}")
-            nlist = min(int(self.nlist), n)
+        if self.kind == "ivfpq":
+            self._check_pq(d)
+        if self.kind == "flat" or (self.kind == "ivfpq" and n < 2 ** int(self.pq_bits)):
+            index = faiss.IndexFlatIP(d)
+            if self.kind == "ivfpq":  # counted fallback: too few vectors to train 2**pq_bits centroids
+                info["fallback"] = (f"flat: {n} gallery vectors are fewer than the 2**pq_bits = "
+                                    f"{2 ** int(self.pq_bits)} needed to train the PQ codebooks")
+        elif self.kind in ("ivf", "ivfpq"):
+            nlist = max(1, min(int(self.nlist), n // MIN_POINTS_PER_LIST))  # cut for small galleries (recorded)
             quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            if self.kind == "ivf":
+                index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            else:
+                if int(self.pq_bits) == 4:  # FAISS's SIMD fast-scan kernels (1/10 of the 8-bit scan's time)
+                    index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, int(self.pq_m), 4,
+                                                     faiss.METRIC_INNER_PRODUCT)
+                else:
+                    index = faiss.IndexIVFPQ(quantizer, d, nlist, int(self.pq_m), int(self.pq_bits),
+                                             faiss.METRIC_INNER_PRODUCT)
+                index.pq.cp.seed = 1234
+                index.pq.cp.niter = int(self.ivf_niter)
+                index.pq.cp.max_points_per_centroid = int(self.ivf_train_per_list)
+                index.pq.cp.min_points_per_centroid = 1  # a short sample is recorded below, not warned pq_m times
+                self._fetch_factor = int(self.pq_rescore)
+                info.update(pq_m=int(self.pq_m), pq_bits=int(self.pq_bits), pq_rescore=int(self.pq_rescore),
+                            code_bytes=int(index.code_size), fast_scan=int(self.pq_bits) == 4)
             index.cp.seed = 1234
             index.cp.niter = int(self.ivf_niter)
             index.cp.max_points_per_centroid = int(self.ivf_train_per_list)
-            index.train(g)
+            train = self._training_sample(g, nlist) if self.kind == "ivfpq" else g
+            index.train(train)
+            if self.kind == "ivfpq":
+                info["training_points"] = int(train.shape[0])  # FAISS advises >= 39 per centroid
             index.nprobe = min(int(self.nprobe), nlist)
             self._quantizer = quantizer  # keep it alive with the index
             info.update(nlist=nlist, nprobe=int(index.nprobe), nlist_requested=int(self.nlist))
@@ -159,11 +232,43 @@ class VectorIndex:
             index.hnsw.efConstruction = int(self.ef_construction)
             index.hnsw.efSearch = int(self.ef_search)
             info.update(hnsw_m=int(self.hnsw_m), ef_search=int(self.ef_search), ef_construction=int(self.ef_construction))
-        index.add(g)
+        if self.kind == "ivfpq":
+            for s in range(0, n, ADD_CHUNK):  # chunks: a memory-mapped gallery is read piece by piece
+                index.add(np.ascontiguousarray(g[s:s + ADD_CHUNK]))
+        else:
+            index.add(g)
         info["build_seconds"] = round(time.perf_counter() - t0, 4)
         info["threads"] = set_threads(None)
         self.index = index
         self.info = info
+
+    def _check_pq(self, d: int) -> None:
+        """IVF-PQ params against each other and the embedding dim; errors name the param."""
+        m, bits, r = int(self.pq_m), int(self.pq_bits), int(self.pq_rescore)
+        if m < 1:
+            raise ValueError(f"retrieval.pq_m must be >= 1, got {self.pq_m!r}")
+        if d % m:
+            raise ValueError(f"retrieval.pq_m ({m}) must divide the embedding dim ({d}): "
+                             f"e.g. {', '.join(str(x) for x in (8, 16, 32, 64, 96, 128) if d % x == 0) or 1}")
+        if not 1 <= bits <= 16:
+            raise ValueError(f"retrieval.pq_bits must be in 1..16, got {self.pq_bits!r}")
+        if r < 1:
+            raise ValueError(f"retrieval.pq_rescore must be >= 1, got {self.pq_rescore!r}")
+
+    def _training_sample(self, g: np.ndarray, nlist: int) -> np.ndarray:
+        """IVF-PQ's training rows: all for small galleries, else a fixed-seed sample of
+        ``ivf_train_per_list`` per IVF list or PQ centroid (FAISS would compute the
+        residuals of every row it is given: gigabytes for a large gallery)."""
+        n = g.shape[0]
+        want = int(self.ivf_train_per_list) * max(nlist, 2 ** int(self.pq_bits))
+        if n <= want:
+            return g
+        rows = np.sort(np.random.default_rng(1234).choice(n, want, replace=False))
+        return np.ascontiguousarray(g[rows])
+
+    def fetch_size(self, k: int) -> int:
+        """Candidates the index is first asked for per query when the top ``k`` is wanted."""
+        return min(self._fetch_factor * int(k) + TIE_FETCH, self.ntotal)
 
     @property
     def ntotal(self) -> int:
@@ -204,18 +309,23 @@ class VectorIndex:
     def _search_ties(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` of queries ``q`` (B, D) in (score desc, row asc) order, exact on ties.
 
-        Fetches ``k + TIE_FETCH``; a query whose last fetched score still equals its k-th
-        score may have more items tied there, so it is searched again with twice as many,
-        until its ties end or the whole gallery is fetched.
+        Fetches :meth:`fetch_size` candidates (re-scored with :func:`exact_scores` for flat
+        and IVF-PQ); a query whose last fetched score still reaches its k-th score (within
+        :data:`TIE_TOL` when re-scored) may have more items tied there, so it is searched
+        again with twice as many, until its ties end or the whole gallery is fetched.
         """
         n = self.ntotal
+        tol = TIE_TOL if self._rescore else 0.0
         scores = np.empty((q.shape[0], k), np.float32)
         ids = np.empty((q.shape[0], k), np.int64)
         rows = np.arange(q.shape[0])  # queries still open
-        fetch = min(k + TIE_FETCH, n)
+        fetch = self.fetch_size(k)
         while rows.size:
-            d, i = _tie_order(*self.index.search(q[rows], fetch))  # (R, fetch)
-            more = (fetch < n) & (i[:, -1] >= 0) & (d[:, -1] == d[:, k - 1])  # (R,)
+            d, i = self.index.search(q[rows], fetch)  # (R, fetch)
+            if self._rescore:
+                d = exact_scores(q[rows], self.gallery, i)
+            d, i = _tie_order(d, i)
+            more = (fetch < n) & (i[:, -1] >= 0) & (d[:, -1] >= d[:, k - 1] - tol)  # (R,)
             done = rows[~more]
             scores[done], ids[done] = d[~more, :k], i[~more, :k]
             rows = rows[more]

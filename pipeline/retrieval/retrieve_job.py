@@ -81,10 +81,23 @@ def read_pool(path: str | os.PathLike, query_ids: list[str], item_ids: list[str]
 
 
 def _index(gallery: np.ndarray, params: Mapping[str, Any]) -> VectorIndex:
-    return VectorIndex(gallery, str(params["index"]), nlist=int(params["nlist"]), nprobe=int(params["nprobe"]),
+    kind = str(params["index"])
+    pq = ({"pq_m": int(params["pq_m"]), "pq_bits": int(params["pq_bits"]), "pq_rescore": int(params["pq_rescore"])}
+          if kind == "ivfpq" else {})
+    return VectorIndex(gallery, kind, nlist=int(params["nlist"]), nprobe=int(params["nprobe"]),
                        hnsw_m=int(params["hnsw_m"]), ef_search=int(params["ef_search"]),
                        ef_construction=int(params["ef_construction"]), threads=int(params["threads"]),
-                       normalize=False)  # RetrievalSet rows are unit already
+                       normalize=False, **pq)  # RetrievalSet rows are unit already
+
+
+def recall_line(info: Mapping[str, Any]) -> str:
+    """``, recall vs exact @10 0.9876 @128 0.9512 (1000 queries)`` for the stage's printed line, from
+    an index info with ``recall_vs_exact`` (recall@10 beside recall@pool); '' without one."""
+    r = info.get("recall_vs_exact")
+    if not r:
+        return ""
+    ats = sorted((int(k[3:]), v) for k, v in r.items() if k.startswith("at_"))
+    return ", recall vs exact " + " ".join(f"@{k} {v:.4f}" for k, v in ats) + f" ({r['queries']} queries)"
 
 
 def run_retrieve(rs: RetrievalSet, params: Mapping[str, Any], out_dir: str | os.PathLike,
@@ -112,10 +125,14 @@ def run_retrieve(rs: RetrievalSet, params: Mapping[str, Any], out_dir: str | os.
         want = min(pool, len(gids))
         found = (cand >= 0).sum(axis=1)  # (Q,) an approximate index may return fewer than asked
         if want and (found == 0).any():
-            knob = {"ivf": "raise retrieval.nprobe", "hnsw": "raise retrieval.ef_search"}.get(index.kind, "use flat")
+            knob = {"ivf": "raise retrieval.nprobe", "hnsw": "raise retrieval.ef_search",
+                    "ivfpq": "raise retrieval.nprobe"}.get(index.kind, "use flat")
             raise ValueError(f"retrieve {d}: {int((found == 0).sum())} of {len(qids)} queries got no candidate "
                              f"from the {index.kind} index (e.g. {qids[int(np.flatnonzero(found == 0)[0])]!r}); "
                              f"{knob} or set retrieval.index: flat")
+        if "fallback" in info:
+            print(f"retrieve {d}: ivfpq index not built, searched exactly instead ({info['fallback']}); "
+                  "recorded in the provenance", file=sys.stderr)
         info["short_lists"] = int((found < want).sum())  # queries with fewer than min(pool, gallery) candidates
         if info["short_lists"]:
             print(f"retrieve {d}: {info['short_lists']} of {len(qids)} queries got fewer than {want} candidates "
