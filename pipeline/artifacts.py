@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,15 @@ def canonical_json(obj: Any) -> str:
 def fingerprint(*parts: Any) -> str:
     """sha256 over the canonical JSON of ``parts``."""
     return hashlib.sha256(canonical_json(list(parts)).encode("utf-8")).hexdigest()
+
+
+def fingerprint_stream(items: Iterable[Any]) -> str:
+    """``fingerprint(list(items))``, computed as the items stream by (the same digest; no list is kept)."""
+    h = hashlib.sha256(b"[[")
+    for i, item in enumerate(items):
+        h.update((b"," if i else b"") + canonical_json(item).encode("utf-8"))
+    h.update(b"]]")
+    return h.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -78,7 +87,8 @@ def report_path(dataset: str, stage: str, part: str = "") -> Path:
     """``reports/<dataset>/<stage>[-<part>].json``: one stage run's report (counts, fallbacks, timings).
 
     Reports live outside the caches, so their timings never change a cache's hash and never
-    make a downstream stage rerun; dvc.yaml declares them as uncached outputs.
+    make a downstream stage rerun; dvc.yaml declares them as (cached) outputs, so `dvc pull`
+    restores them and a pulled clone is complete.
     """
     from pipeline.paths import project_path
 

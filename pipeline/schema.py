@@ -112,6 +112,8 @@ class Images(Section):
 
 class Shards(Section):
     size: PosInt
+    # patch tokens, region features (pooled: float32); absent: float32 as before the key existed, params.yaml sets float16
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class Clip(Section):
@@ -122,6 +124,7 @@ class Clip(Section):
     workers: NonNegInt
     device: Device
     threads: Threads
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast where the hardware has bfloat16 (else fp32, reported)
 
 
 class Detector(Section):
@@ -143,6 +146,7 @@ class TextEncoder(Section):
     type_prompt: Annotated[str, Field(pattern=r"\{type\}")]  # {mask}: the mask token; {type}: the type name
     device: Device
     threads: Threads
+    dtype: Literal["float32", "float16"] = "float32"  # word features and states as stored (read back as float32)
 
 
 class Captions(Section):
@@ -150,6 +154,7 @@ class Captions(Section):
     mask_token: Text
     slots: PosInt
     batch_size: PosInt
+    dtype: Literal["float32", "float16"] = "float32"  # caption embeddings as stored (read back as float32)
 
 
 # ---- the MNER model -------------------------------------------------------------
@@ -209,13 +214,16 @@ class Align(Section):
 
 # ---- retrieval (AGREE) ----------------------------------------------------------
 class Retrieval(Section):
-    index: Literal["flat", "ivf", "hnsw"]
+    index: Literal["flat", "ivf", "hnsw", "ivfpq"]
     pool: PosInt
     nlist: PosInt
     nprobe: PosInt
     hnsw_m: Annotated[int, Field(ge=2)]
     ef_search: PosInt
     ef_construction: PosInt
+    pq_m: PosInt  # ivfpq: must divide the embedding dim (checked when the index is built)
+    pq_bits: Annotated[int, Field(ge=1, le=16)]
+    pq_rescore: PosInt
     recall_check: NonNegInt
     threads: Threads
     batch_size: PosInt

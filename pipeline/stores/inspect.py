@@ -142,7 +142,12 @@ def scan_shard(path: Path) -> ShardInfo:
             for k in f.keys():
                 ds = f[k]
                 if isinstance(ds, h5py.Dataset):
-                    dt = "utf-8 str" if h5py.check_string_dtype(ds.dtype) else str(ds.dtype)
+                    try:
+                        dt = S.storage_dtype(ds)  # bfloat16 (stored as uint16 bits), float16, float32, ...
+                    except S.ShardError as e:
+                        dt = f"{ds.dtype} [{e}]"
+                    if dt == S.BFLOAT16:
+                        dt = "bfloat16 (stored as uint16 bits)"
                     info.layout[k] = (ds.shape, dt, ds.chunks)
     except Exception as e:
         info.error = f"cannot read ({type(e).__name__}: {e})"
@@ -208,7 +213,7 @@ def _table_summary_lines(t: T.FeatureTable) -> list[str]:
             shape = f"({t.num_rows}, [{', '.join(var)}]) variable rows: n in {shapes.min(axis=0).tolist()}..{shapes.max(axis=0).tolist()}"
         else:
             shape = "(0, ...)"
-        lines.append(f"    {name:<14} {shape} {t.values(name).dtype}")
+        lines.append(f"    {name:<14} {shape} {t.value_dtype(name)}")
     return lines
 
 
@@ -283,8 +288,11 @@ def show_item(path: str | os.PathLike, item_id: str) -> str:
                 row = info.ids.index(item_id)
                 with h5py.File(info.path, "r") as f:
                     arrays = {k: np.asarray(S.read_checked(info.path, f[k], row)) for k in f.keys() if k != "ids"}
+                    stored = {k: S.storage_dtype(f[k]) for k in arrays}
+                    arrays = {k: S.decode_storage(v, S.dataset_encoding(f[k])) for k, v in arrays.items()}
                 lines = [f"{item_id!r}: {info.path.name} row {row}"]
-                lines += [f"  {k:<13} {array_stats(v)}" for k, v in arrays.items()]
+                lines += [f"  {k:<13} {array_stats(v)}" + (f" (stored as {stored[k]})" if stored[k] != str(v.dtype) else "")
+                          for k, v in arrays.items()]
                 if {"boxes", "mask"} <= set(arrays):
                     lines += _region_table(arrays, info.provenance or {})
                 return "\n".join(lines)
@@ -304,18 +312,18 @@ def show_item(path: str | os.PathLike, item_id: str) -> str:
         cf = T.CaptionFeatures(p)
         if item_id not in cf:
             raise InspectError(f"{p}: no caption {item_id!r}")
-        i = cf.index(item_id)
-        lines = [f"{item_id!r}: row {i}, n_entities={int(cf.n_entities[i])}",
-                 f"  emb        {array_stats(cf.emb[i])}",
-                 f"  prompt_emb {array_stats(cf.prompt_emb[i])}",
-                 f"  mask_emb   {array_stats(cf.mask_emb[i])}",
+        i, c = cf.index(item_id), cf.get(item_id)  # one caption's row group, not the whole table
+        lines = [f"{item_id!r}: row {i}, n_entities={c['n_entities']}",
+                 f"  emb        {array_stats(c['emb'])}",
+                 f"  prompt_emb {array_stats(c['prompt_emb'])}",
+                 f"  mask_emb   {array_stats(c['mask_emb'])}",
                  "  slot  cos(caption, prompt)  cos(caption, masked)"]
-        e = cf.emb[i] / max(np.linalg.norm(cf.emb[i]), 1e-12)
-        for s in range(cf.prompt_emb.shape[1]):
-            pe, me = cf.prompt_emb[i, s], cf.mask_emb[i, s]
+        e = c["emb"] / max(np.linalg.norm(c["emb"]), 1e-12)
+        for s in range(c["prompt_emb"].shape[0]):
+            pe, me = c["prompt_emb"][s], c["mask_emb"][s]
             cp = float(pe @ e / max(np.linalg.norm(pe), 1e-12))
             cm = float(me @ e / max(np.linalg.norm(me), 1e-12))
-            pad = "" if s < cf.n_entities[i] else "  (padding)"
+            pad = "" if s < c["n_entities"] else "  (padding)"
             lines.append(f"  {s:>4}  {cp:>20.4f}  {cm:>20.4f}{pad}")
         return "\n".join(lines)
     table = T.read_manifest(p)
@@ -523,16 +531,17 @@ def _check_regions(name: str, ids: Sequence[str], a: dict[str, np.ndarray]) -> l
 def _check_table_arrays(t: T.FeatureTable, ids: Sequence[Any]) -> list[str]:
     problems = []
     for name in t.array_names:
-        vals = t.values(name)
-        if vals.dtype.kind != "f":
+        if t.value_dtype(name).kind != "f":
             continue
-        _, offsets, _ = t._arrays[name]
-        finite = np.isfinite(vals)
-        if finite.all():
-            continue
-        bad_cum = np.concatenate([[0], np.cumsum(~finite)])
-        rows = np.flatnonzero(bad_cum[offsets[1:]] - bad_cum[offsets[:-1]])
-        problems.append(f"{t.path.name}: {name}: {len(rows)} row(s) with NaN/inf: {_ids_text([ids[r] for r in rows])}")
+        rows: list[int] = []
+        for start, vals, offsets, _ in t.iter_groups(name):  # one row group at a time
+            finite = np.isfinite(vals)
+            if finite.all():
+                continue
+            bad_cum = np.concatenate([[0], np.cumsum(~finite)])
+            rows += (start + np.flatnonzero(bad_cum[offsets[1:]] - bad_cum[offsets[:-1]])).tolist()
+        if rows:
+            problems.append(f"{t.path.name}: {name}: {len(rows)} row(s) with NaN/inf: {_ids_text([ids[r] for r in rows])}")
     return problems
 
 
@@ -553,9 +562,9 @@ def _verified_table(p: Path, cache: bool) -> tuple[T.FeatureTable | None, list[s
     except Exception as e:
         return None, [str(e)]
     if cache and not t.digested:
-        return t, [f"{p.name}: no content digest (written before feature tables stored digests); "
-                   f"rerun the stage that writes it"]
-    return t, []
+        return t, [f"{p.name}: {T.NO_DIGEST}; rerun the stage that writes it"]
+    bad = t.verify_all()  # every row group of every column (read one row group at a time)
+    return (None, bad) if bad else (t, [])
 
 
 def check_text(p: Path, manifest: str | os.PathLike | None = None) -> list[str]:
