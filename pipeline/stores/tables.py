@@ -178,7 +178,21 @@ def _row_bytes(table: pa.Table) -> np.ndarray:
     return out
 
 
-class FeatureTableWriter:
+class _Writer:
+    """A writer used as a context manager: ``close()`` on success, ``abort()`` on an error
+    (the temp file goes, any earlier complete file stays)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class FeatureTableWriter(_Writer):
     """Write a feature table batch by batch: a row group per ~``row_group_bytes``, digests per row group.
 
     ``write(columns, arrays)`` takes one batch (scalar columns + per-row arrays, as
@@ -208,15 +222,6 @@ class FeatureTableWriter:
         self._hashes = np.zeros(0, np.int64)  # sorted hashes of the ids written so far
         self.num_rows = 0
         self._done = False
-
-    def __enter__(self) -> "FeatureTableWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def write(self, columns: Mapping[str, Sequence[Any] | np.ndarray | pa.Array],
               arrays: Mapping[str, Sequence[np.ndarray] | np.ndarray],
@@ -620,7 +625,7 @@ def _stage_for(d: Path, name: str) -> str:
     return f"{name}@{d.parent.name}" if d.parent.name else name
 
 
-class TextFeaturesWriter:
+class TextFeaturesWriter(_Writer):
     """Write ``dir/words.parquet`` (and ``dir/states.parquet``) sample by sample, then ``dir/type_prompts.parquet``.
 
     ``add(row)`` takes one sample (see :func:`write_text_features`); memory holds at most a
@@ -647,15 +652,6 @@ class TextFeaturesWriter:
         self.n_states = 0
         self._done = False
         self._check_prompts()
-
-    def __enter__(self) -> "TextFeaturesWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def _check_prompts(self) -> None:
         for t, p in zip(self._types, self._prompts):
@@ -854,7 +850,7 @@ class TextFeatures:
 CAPTIONS_FILE = "captions.parquet"
 
 
-class CaptionFeaturesWriter:
+class CaptionFeaturesWriter(_Writer):
     """Write ``dir/captions.parquet`` batch by batch (a context manager, atomic like :class:`FeatureTableWriter`).
 
     ``dtype``: float32 or float16 storage (``captions.dtype``); readers get float32 back.
@@ -866,15 +862,6 @@ class CaptionFeaturesWriter:
         self._w = FeatureTableWriter(self.dir / CAPTIONS_FILE, provenance, key="caption_id",
                                      row_group_bytes=row_group_bytes, float_dtype=dtype)
         self._dims: tuple[int, int] | None = None  # (S, D)
-
-    def __enter__(self) -> "CaptionFeaturesWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def add(self, caption_ids: Sequence[str], emb: np.ndarray, prompt_emb: np.ndarray, mask_emb: np.ndarray,
             n_entities: Sequence[int] | np.ndarray) -> None:
