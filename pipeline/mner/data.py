@@ -10,9 +10,15 @@ Sources are duck-typed so the model can be trained on plain in-memory data as we
 A branch that the model does not use is never read. Words the text encoder cut off are not
 in the batch; :attr:`MNERDataset.n_kept` lets the caller predict them as ``O``. Character ids
 and word shapes (``chars=True``) come from the samples' own tokens (:mod:`pipeline.mner.chars`).
+
+Items a dataset has read are kept for the next epoch up to a byte budget
+(:data:`ITEM_CACHE_BYTES` per dataset): the first items read are kept until the budget is
+spent, the rest are read again from the caches each time they are asked for, so memory does
+not grow with the split. The values are the same either way (the caches are read-only).
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+# Bytes of items (arrays) one MNERDataset keeps between epochs. The demo's train split (320
+# samples with images) is 23 MB, so it is held whole; a larger split keeps its first 32 MiB
+# and reads the rest through the caches' own row-group LRU every epoch (bench/stage_memory.py).
+ITEM_CACHE_BYTES = 32 << 20
+
+
+def item_nbytes(item: Mapping[str, Any]) -> int:
+    """Bytes of the arrays in one dataset item (what the item cache counts)."""
+    return sum(v.nbytes for v in item.values() if isinstance(v, np.ndarray))
+
 
 @dataclass
 class Sample:
@@ -33,19 +49,60 @@ class Sample:
     tags: list[str]  # full gold sequence (BIO)
 
 
-def samples_from_table(table: Any, split: str) -> list[Sample]:
-    """Rows of a prepared ``samples.parquet`` (pyarrow table or path) for one split, in file order."""
+class SampleTable(Sequence):
+    """The samples of one split kept as Arrow columns; a :class:`Sample` is built on each access.
+
+    As Python objects a sample costs about 3 KB (a string object per token and tag), so a
+    split of 80k would hold 230 MB for as long as it trains; as Arrow columns it is the
+    size of its text. Tag strings are interned (a handful of distinct values).
+    """
+
+    COLUMNS = ("sample_id", "image_id", "tokens", "tags")
+
+    def __init__(self, table: Any) -> None:
+        t = table.select(list(self.COLUMNS)).combine_chunks()
+        self._sid, self._img, self._tok, self._tags = (t.column(c).chunks[0] if t.num_rows else t.column(c)
+                                                       for c in self.COLUMNS)
+        self._n = t.num_rows
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"sample {i} out of range ({self._n} samples)")
+        return Sample(str(self._sid[i].as_py()), str(self._img[i].as_py()), list(self._tok[i].as_py()),
+                      [sys.intern(t) for t in self._tags[i].as_py()])
+
+
+def split_samples(table: Any, split: str) -> SampleTable:
+    """Rows of a prepared ``samples.parquet`` (pyarrow table or path) for one split, in file order (compact)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if isinstance(table, (str, Path)):
-        table = pq.read_table(table)
-    cols = table.to_pydict()
-    out = []
-    for i, s in enumerate(cols["split"]):
-        if s == split:
-            out.append(Sample(str(cols["sample_id"][i]), str(cols["image_id"][i]),
-                              list(cols["tokens"][i]), list(cols["tags"][i])))
+    cols = list(SampleTable.COLUMNS)
+    if not isinstance(table, (str, Path)):
+        return SampleTable(table.filter(pc.equal(table.column("split"), split)))
+    # read in batches and keep only the split's rows: reading the whole file at once peaks at
+    # several times its Arrow size (about 4x at 100k samples)
+    pf = pq.ParquetFile(table, pre_buffer=False, buffer_size=1 << 16)
+    pieces = [pa.Table.from_batches([b]).filter(pc.equal(b.column("split"), split)).select(cols).combine_chunks()
+              for b in pf.iter_batches(batch_size=8192, columns=["split", *cols], use_threads=False)]
+    out = SampleTable(pa.concat_tables(pieces) if pieces else pf.schema_arrow.empty_table().select(cols))
+    del pieces
+    pa.default_memory_pool().release_unused()
     return out
+
+
+def samples_from_table(table: Any, split: str) -> list[Sample]:
+    """Rows of a prepared ``samples.parquet`` (pyarrow table or path) for one split, in file order."""
+    return list(split_samples(table, split))
 
 
 def image_fallbacks_from_table(table: Any) -> dict[str, bool]:
@@ -71,13 +128,15 @@ class MNERDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], text: Any, tag_index: Mapping[str, int], *,
                  patches: Any = None, regions: Any = None,
                  image_fallback: Mapping[str, bool] | None = None, cache: bool = True,
-                 chars: bool = False, states: bool = False) -> None:
-        self.samples = list(samples)
+                 chars: bool = False, states: bool = False, cache_bytes: int = ITEM_CACHE_BYTES) -> None:
+        self.samples = samples if isinstance(samples, SampleTable) else list(samples)
         self.chars, self.states = chars, states
         self.text, self.patches, self.regions = text, patches, regions
         self.tag_index = dict(tag_index)
         self.image_fallback = dict(image_fallback or {})
         self.cache = cache
+        self.cache_bytes = int(cache_bytes)  # budget of the item cache (see ITEM_CACHE_BYTES)
+        self.cached_bytes = 0                # bytes of the items held now
         self._items: dict[int, dict[str, Any]] = {}
         self.n_kept: list[int | None] = [None] * len(self.samples)
         self.fallback_reasons: Counter = Counter()
@@ -167,7 +226,10 @@ class MNERDataset(Dataset):
             item["first"] = np.asarray(first, dtype=np.int64)
         self._vision(i, s.image_id, item)
         if self.cache:
-            self._items[i] = item
+            nb = item_nbytes(item)
+            if self.cached_bytes + nb <= self.cache_bytes:  # kept until the budget is spent, never evicted
+                self._items[i] = item
+                self.cached_bytes += nb
         return item
 
     def kept_words(self) -> list[int]:
@@ -257,16 +319,18 @@ class Caches:
         """False for a dataset whose prepared image manifest is empty (plain CoNLL text)."""
         return bool(self.image_fallback)
 
-    def samples(self, split: str) -> list[Sample]:
-        out = samples_from_table(self.samples_path, split)
-        if not out:
+    def samples(self, split: str) -> SampleTable:
+        out = split_samples(self.samples_path, split)
+        if not len(out):
             raise ValueError(f"{self.samples_path}: no samples in split {split!r}")
         return out
 
     def dataset_for(self, split: str, tag_index: Mapping[str, int], chars: bool = False,
-                    states: bool = False) -> MNERDataset:
+                    states: bool = False, cache: bool = True) -> MNERDataset:
+        """``cache=False`` for a split read once (evaluate): nothing is kept."""
         return MNERDataset(self.samples(split), self.text, tag_index, patches=self.patches,
-                           regions=self.regions, image_fallback=self.image_fallback, chars=chars, states=states)
+                           regions=self.regions, image_fallback=self.image_fallback, chars=chars, states=states,
+                           cache=cache)
 
     def dims(self) -> dict[str, int]:
         """Input sizes for :class:`pipeline.mner.model.MNERConfig` (0 for unused branches)."""

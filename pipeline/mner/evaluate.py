@@ -156,7 +156,9 @@ def evaluate_on_caches(dataset: str, model_dir: str | Path, pred_dir: str | Path
     pred_dir.mkdir(parents=True, exist_ok=True)
     plots_dir.mkdir(parents=True, exist_ok=True)
     for split in splits:
-        ds = caches.dataset_for(split, tag_index, chars=bool(cfg.char_dim or cfg.shape_dim), states=bool(cfg.tune_top))
+        # each item is read once: no item cache (kept_words() uses the counts recorded on reading)
+        ds = caches.dataset_for(split, tag_index, chars=bool(cfg.char_dim or cfg.shape_dim), states=bool(cfg.tune_top),
+                                cache=False)
         preds = predict(model, ds, collate_fn, batch_size, progress=progress)
         samples = ds.samples
         with atomic_path(pred_dir / f"{split}.conll") as tmp:
