@@ -32,6 +32,8 @@ TIE_FETCH = 8  # extra results fetched per query, to see whether ties run past t
 TIE_TOL = 1e-5
 MIN_POINTS_PER_LIST = 39  # FAISS's advice for k-means: nlist is cut to N // 39 for small galleries
 ADD_CHUNK = 262_144  # gallery rows added to an IVF-PQ index per call (bounds the temporaries)
+EXACT_CHUNK = 65_536  # memory-mapped gallery rows per block in exact search (the recall check)
+RESCORE_QUERIES = 16  # queries re-scored at a time from a memory-mapped gallery (pages released after)
 
 
 def _cpu_coretype() -> str | None:
@@ -181,7 +183,10 @@ class VectorIndex:
         self.gallery = g  # (N, D) float32, unit rows
         n, d = g.shape
         t0 = time.perf_counter()
-        zeros = sum(int((~g[s:s + ADD_CHUNK].any(axis=1)).sum()) for s in range(0, n, ADD_CHUNK))
+        zeros = 0
+        for s in range(0, n, ADD_CHUNK):
+            zeros += int((~g[s:s + ADD_CHUNK].any(axis=1)).sum())
+            release_pages(g)
         info: dict[str, Any] = {"kind": self.kind, "ntotal": n, "dim": d, "zero_vectors": zeros}
         self._rescore = self.kind in ("flat", "ivfpq")  # scores not fvec_inner_product's: re-score
         self._fetch_factor = 1
@@ -219,6 +224,7 @@ class VectorIndex:
             index.cp.niter = int(self.ivf_niter)
             index.cp.max_points_per_centroid = int(self.ivf_train_per_list)
             train = self._training_sample(g, nlist) if self.kind == "ivfpq" else g
+            release_pages(g)
             index.train(train)
             if self.kind == "ivfpq":
                 info["training_points"] = int(train.shape[0])  # FAISS advises >= 39 per centroid
@@ -235,6 +241,7 @@ class VectorIndex:
         if self.kind == "ivfpq":
             for s in range(0, n, ADD_CHUNK):  # chunks: a memory-mapped gallery is read piece by piece
                 index.add(np.ascontiguousarray(g[s:s + ADD_CHUNK]))
+                release_pages(g)
         else:
             index.add(g)
         info["build_seconds"] = round(time.perf_counter() - t0, 4)
@@ -264,7 +271,12 @@ class VectorIndex:
         if n <= want:
             return g
         rows = np.sort(np.random.default_rng(1234).choice(n, want, replace=False))
-        return np.ascontiguousarray(g[rows])
+        out = np.empty((rows.size, g.shape[1]), np.float32)
+        for s in range(0, n, ADD_CHUNK):  # a block of the gallery at a time (a memory map's pages released)
+            lo, hi = np.searchsorted(rows, [s, s + ADD_CHUNK])
+            out[lo:hi] = g[rows[lo:hi]]
+            release_pages(g)
+        return out
 
     def fetch_size(self, k: int) -> int:
         """Candidates the index is first asked for per query when the top ``k`` is wanted."""
@@ -300,11 +312,25 @@ class VectorIndex:
         for s in starts:
             e = min(s + int(batch_size), q.shape[0])
             scores[s:e], ids[s:e] = self._search_ties(q[s:e], k)
+            release_pages(q)
+            release_pages(self.gallery)  # re-scored rows of a memory-mapped gallery
             if bar is not None:
                 bar.update(e - s)
         if bar is not None:
             bar.close()
         return scores, ids
+
+    def _exact_scores(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """:func:`exact_scores` against the gallery; a memory-mapped gallery :data:`RESCORE_QUERIES`
+        queries at a time, its pages released after each (a batch's candidates can cover most
+        of the file). A pair's score does not depend on the batch."""
+        if not is_memory_mapped(self.gallery):
+            return exact_scores(q, self.gallery, ids)
+        out = np.empty(ids.shape, np.float32)
+        for s in range(0, q.shape[0], RESCORE_QUERIES):
+            out[s:s + RESCORE_QUERIES] = exact_scores(q[s:s + RESCORE_QUERIES], self.gallery, ids[s:s + RESCORE_QUERIES])
+            release_pages(self.gallery)
+        return out
 
     def _search_ties(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` of queries ``q`` (B, D) in (score desc, row asc) order, exact on ties.
@@ -323,7 +349,7 @@ class VectorIndex:
         while rows.size:
             d, i = self.index.search(q[rows], fetch)  # (R, fetch)
             if self._rescore:
-                d = exact_scores(q[rows], self.gallery, i)
+                d = self._exact_scores(q[rows], i)
             d, i = _tie_order(d, i)
             more = (fetch < n) & (i[:, -1] >= 0) & (d[:, -1] >= d[:, k - 1] - tol)  # (R,)
             done = rows[~more]
@@ -333,10 +359,66 @@ class VectorIndex:
         return scores, ids
 
 
+def release_pages(a: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array (or a view of one) from this process's resident set.
+
+    They stay in the page cache and are read back on next use; a read-only or flushed mapping
+    loses nothing. Without this, every row an index build or search touched would count in the
+    process's RSS (as file pages the kernel may reclaim, but RSS limits and VmHWM count them).
+    A no-op for an array in memory.
+    """
+    import mmap
+
+    while a is not None:
+        m = getattr(a, "_mmap", None)
+        if isinstance(m, mmap.mmap):
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):  # no madvise here: the kernel reclaims them
+                pass
+            return
+        a = getattr(a, "base", None)
+
+
+def is_memory_mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` (or an array it views) is a ``np.memmap`` / mmap: its rows live in a file."""
+    import mmap
+
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
 def exact_search(gallery: np.ndarray, queries: np.ndarray, k: int, batch_size: int = 1024,
                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k with IndexFlatIP (see :class:`VectorIndex`)."""
-    return VectorIndex(gallery, "flat", threads=threads).search(queries, k, batch_size)
+    """Exact cosine top-k with IndexFlatIP (see :class:`VectorIndex`).
+
+    A memory-mapped gallery larger than :data:`EXACT_CHUNK` rows is searched a block of rows at
+    a time (each block normalised and indexed alone, the per-block top-k merged in (score
+    desc, row asc) order): the same lists and scores as one index over all rows, since every
+    score is the per-pair ``fvec_inner_product`` of the same rows, without copying the file
+    into memory.
+    """
+    n = int(gallery.shape[0])
+    if not is_memory_mapped(gallery) or n <= EXACT_CHUNK:
+        return VectorIndex(gallery, "flat", threads=threads).search(queries, k, batch_size)
+    k = min(int(k), n)
+    best_s = best_i = None
+    for s in range(0, n, EXACT_CHUNK):
+        sc, ids = VectorIndex(gallery[s:s + EXACT_CHUNK], "flat", threads=threads).search(queries, k, batch_size)
+        release_pages(gallery)
+        ids = np.where(ids >= 0, ids + s, -1)
+        if best_s is None:
+            best_s, best_i = sc, ids
+        else:
+            ms, mi = _tie_order(np.concatenate([best_s, sc], 1), np.concatenate([best_i, ids], 1))
+            best_s, best_i = np.ascontiguousarray(ms[:, :k]), np.ascontiguousarray(mi[:, :k])
+    full_s = np.full((best_s.shape[0], k), -np.inf, np.float32)
+    full_i = np.full((best_s.shape[0], k), -1, np.int64)
+    full_s[:, :best_s.shape[1]], full_i[:, :best_i.shape[1]] = best_s, best_i
+    return full_s, full_i
 
 
 def numpy_search(gallery: np.ndarray, queries: np.ndarray, k: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.artifacts import read_parquet_provenance, write_parquet
 from pipeline.retrieval.data import RetrievalSet
-from pipeline.retrieval.index import VectorIndex, exact_search, recall_vs_exact
+from pipeline.retrieval.index import VectorIndex, exact_search, is_memory_mapped, recall_vs_exact
 
 DIRECTIONS = ("t2i", "i2t")
 
@@ -100,14 +100,29 @@ def recall_line(info: Mapping[str, Any]) -> str:
     return ", recall vs exact " + " ".join(f"@{k} {v:.4f}" for k, v in ats) + f" ({r['queries']} queries)"
 
 
+def gallery_scratch(params: Mapping[str, Any], parent: str | os.PathLike | None = None):
+    """The ``scratch`` to load the retrieval set with: a temporary directory (removed on exit, also on
+    an error) for ``index: ivfpq``, whose gallery is then memory-mapped from float32 ``.npy``
+    files there rather than held in RAM; ``None`` (everything in memory) for the other kinds,
+    which copy the whole gallery into their index anyway."""
+    from contextlib import nullcontext
+
+    from pipeline.retrieval.data import scratch_dir
+
+    return scratch_dir(parent) if str(params["index"]) == "ivfpq" else nullcontext(None)
+
+
 def run_retrieve(rs: RetrievalSet, params: Mapping[str, Any], out_dir: str | os.PathLike,
                  provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """Search both directions and write ``t2i.parquet`` / ``i2t.parquet``; returns the report."""
+    """Search both directions and write ``t2i.parquet`` / ``i2t.parquet``; returns the report.
+
+    The embeddings may be memory-mapped (``load_retrieval_set(..., scratch=...)``): queries are
+    searched ``batch_size`` at a time and an ``ivfpq`` index reads the gallery rows in chunks
+    and its re-scored candidates from the file, so neither side is read into memory whole.
+    """
     pool = int(params["pool"])
     if pool < 1:
         raise ValueError(f"params.yaml: retrieval.pool must be >= 1, got {pool}")
-    bs = int(params["batch_size"])
-    check = int(params.get("recall_check", 1000))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"pool": pool, "directions": {}}
@@ -115,37 +130,47 @@ def run_retrieve(rs: RetrievalSet, params: Mapping[str, Any], out_dir: str | os.
              "i2t": (rs.image_emb, rs.image_ids, rs.caption_emb, rs.caption_ids)}
     for d in DIRECTIONS:
         q, qids, g, gids = sides[d]
-        t0 = time.perf_counter()
-        index = _index(g, params)
-        build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores, cand = index.search(q, pool, bs, progress=f"retrieve {d}")
-        search_s = time.perf_counter() - t0
-        info = {k: v for k, v in index.info.items() if k not in ("build_seconds", "threads")}
-        want = min(pool, len(gids))
-        found = (cand >= 0).sum(axis=1)  # (Q,) an approximate index may return fewer than asked
-        if want and (found == 0).any():
-            knob = {"ivf": "raise retrieval.nprobe", "hnsw": "raise retrieval.ef_search",
-                    "ivfpq": "raise retrieval.nprobe"}.get(index.kind, "use flat")
-            raise ValueError(f"retrieve {d}: {int((found == 0).sum())} of {len(qids)} queries got no candidate "
-                             f"from the {index.kind} index (e.g. {qids[int(np.flatnonzero(found == 0)[0])]!r}); "
-                             f"{knob} or set retrieval.index: flat")
-        if "fallback" in info:
-            print(f"retrieve {d}: ivfpq index not built, searched exactly instead ({info['fallback']}); "
-                  "recorded in the provenance", file=sys.stderr)
-        info["short_lists"] = int((found < want).sum())  # queries with fewer than min(pool, gallery) candidates
-        if info["short_lists"]:
-            print(f"retrieve {d}: {info['short_lists']} of {len(qids)} queries got fewer than {want} candidates "
-                  f"from the {index.kind} index (kept as they are; counted in the report)", file=sys.stderr)
-        if index.kind != "flat" and check > 0:
-            n = min(check, q.shape[0])
-            _, ex = exact_search(g, q[:n], pool, bs, threads=int(params["threads"]))
-            info["recall_vs_exact"] = {"queries": n, "at_10": recall_vs_exact(cand[:n], ex, 10),
-                                       f"at_{pool}": recall_vs_exact(cand[:n], ex, pool)}
-        prov = {**dict(provenance), "direction": d, "queries": len(qids), "gallery": len(gids),
-                "pool": int(cand.shape[1]), "index": info}
-        write_pool(out / f"{d}.parquet", qids, gids, cand, scores, prov)
-        report["directions"][d] = {**info, "queries": len(qids), "gallery": len(gids),
-                                   "build_s": round(build_s, 4), "search_s": round(search_s, 4),
-                                   "queries_per_s": round(len(qids) / search_s, 1) if search_s > 0 else None}
+        report["directions"][d] = retrieve_direction(d, q, qids, g, gids, params, out, provenance)
     return report
+
+
+def retrieve_direction(d: str, q: np.ndarray, qids: list[str], g: np.ndarray, gids: list[str],
+                       params: Mapping[str, Any], out: Path, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """One direction: index ``g`` (unit rows, in memory or memory-mapped), search ``q``, check recall,
+    write ``out/<d>.parquet``; returns its report entry."""
+    pool = int(params["pool"])
+    bs = int(params["batch_size"])
+    check = int(params.get("recall_check", 1000))
+    t0 = time.perf_counter()
+    index = _index(g, params)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores, cand = index.search(q, pool, bs, progress=f"retrieve {d}")
+    search_s = time.perf_counter() - t0
+    info = {k: v for k, v in index.info.items() if k not in ("build_seconds", "threads")}
+    want = min(pool, len(gids))
+    found = (cand >= 0).sum(axis=1)  # (Q,) an approximate index may return fewer than asked
+    if want and (found == 0).any():
+        knob = {"ivf": "raise retrieval.nprobe", "hnsw": "raise retrieval.ef_search",
+                "ivfpq": "raise retrieval.nprobe"}.get(index.kind, "use flat")
+        raise ValueError(f"retrieve {d}: {int((found == 0).sum())} of {len(qids)} queries got no candidate "
+                         f"from the {index.kind} index (e.g. {qids[int(np.flatnonzero(found == 0)[0])]!r}); "
+                         f"{knob} or set retrieval.index: flat")
+    if "fallback" in info:
+        print(f"retrieve {d}: ivfpq index not built, searched exactly instead ({info['fallback']}); "
+              "recorded in the provenance", file=sys.stderr)
+    info["short_lists"] = int((found < want).sum())  # queries with fewer than min(pool, gallery) candidates
+    if info["short_lists"]:
+        print(f"retrieve {d}: {info['short_lists']} of {len(qids)} queries got fewer than {want} candidates "
+              f"from the {index.kind} index (kept as they are; counted in the report)", file=sys.stderr)
+    if index.kind != "flat" and check > 0:
+        n = min(check, q.shape[0])
+        _, ex = exact_search(g, q[:n], pool, bs, threads=int(params["threads"]))
+        info["recall_vs_exact"] = {"queries": n, "at_10": recall_vs_exact(cand[:n], ex, 10),
+                                   f"at_{pool}": recall_vs_exact(cand[:n], ex, pool)}
+    prov = {**dict(provenance), "direction": d, "queries": len(qids), "gallery": len(gids),
+            "pool": int(cand.shape[1]), "index": info}
+    write_pool(out / f"{d}.parquet", qids, gids, cand, scores, prov)
+    return {**info, "queries": len(qids), "gallery": len(gids), "memory_mapped": is_memory_mapped(g),
+            "build_s": round(build_s, 4), "search_s": round(search_s, 4),
+            "queries_per_s": round(len(qids) / search_s, 1) if search_s > 0 else None}

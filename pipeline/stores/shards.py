@@ -742,6 +742,25 @@ class ShardReader:
             parts.append(self._decode(name, a))
         return np.concatenate(parts, axis=0)
 
+    def iter_blocks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row in ids order, rows)`` of dataset ``name`` in blocks of about ``BLOCK_BYTES``
+        (decoded like :meth:`read_all`), so a dataset larger than memory can be streamed. Each
+        shard's digest is checked after its last block: a mismatch raises
+        :class:`CorruptShardError` then, so a consumer must not keep what it got on an error."""
+        if name not in self.datasets:
+            raise KeyError(f"{self.dir}: no dataset {name!r} (have: {', '.join(self.datasets)})")
+        base = 0
+        for s, path in enumerate(self.files):
+            ds = self._handle(s)[1][name]
+            enc = self._encodings.get(name)
+            h = _hasher(ds.dtype, ds.shape, enc)
+            for start, block in row_blocks(path, ds):
+                h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+                yield base + start, self._decode(name, block)
+            if h.hexdigest() != _attr_str(ds.attrs[DIGEST_ATTR]):
+                raise _corrupt(path, name, "content does not match its sha256 digest")
+            base += int(ds.shape[0])
+
     def close(self) -> None:
         if self._pid == os.getpid():
             for f, _ in self._handles.values():
