@@ -10,6 +10,7 @@ Not a DVC stage: it reads no params and writes only the --draw picture.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.stores import inspect as I
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  - {p}")
                 return 1
             print(f"check: ok ({args.path})")
+        return 0
+    except BrokenPipeError:  # `inspect ... | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (I.InspectError, ShardError, TableError, OSError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -226,6 +226,16 @@ def test_module_entry_point_exit_codes(project):
     good = subprocess.run(run + ["features/demo/regions", "--check"], capture_output=True, text=True, cwd=project, env=env)
     assert good.returncode == 0, good.stderr
     assert "check: ok" in good.stdout
+    # a reader that stops early (`inspect ... | head -1`) is not an error
+    many = project / "reports_many"  # a summary far larger than a pipe's buffer
+    many.mkdir()
+    for i in range(200):
+        (many / f"r{i:03d}.json").write_text('{"x": "' + "y" * 2000 + '"}')
+    piped = subprocess.Popen(run + [str(many)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=project, env=env)
+    piped.stdout.readline()
+    piped.stdout.close()
+    assert piped.wait() == 0 and b"Broken pipe" not in piped.stderr.read()
     bad = subprocess.run(run + ["features/nothing"], capture_output=True, text=True, cwd=project, env=env)
     assert bad.returncode == 2 and "inspect: error: features/nothing: no such file" in bad.stderr
 
