@@ -177,3 +177,14 @@ def test_gather_rows_leaves_no_partial_file(tmp_path):
     with pytest.raises(ValueError, match="2 of 3 rows"):
         gather_rows(iter([(0, np.ones((3, 4), np.float32))]), 6, np.array([5, 0, 2]), tmp_path / "x.npy", "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ivfpq_names_an_all_zero_query_instead_of_a_knob_that_cannot_help(tmp_path):
+    make_project(tmp_path, zero_image=True)  # one image's embedding is all zeros (a zero fallback)
+    params = {"index": "ivfpq", "pool": 20, "nlist": 4, "nprobe": 4, "hnsw_m": 8, "ef_search": 16,
+              "ef_construction": 16, "pq_m": 4, "pq_bits": 4, "pq_rescore": 2, "recall_check": 0,
+              "threads": 1, "batch_size": 7}
+    rs = load_retrieval_set("toy", root=tmp_path)
+    with pytest.raises(ValueError, match=r"retrieve i2t: 1 query is an all-zero embedding \(e\.g\. 'im005'.*"
+                                         r"images\.fallback: blank or retrieval\.index: flat"):
+        run_retrieve(rs, params, tmp_path / "out", {})

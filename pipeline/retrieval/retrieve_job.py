@@ -151,6 +151,13 @@ def retrieve_direction(d: str, q: np.ndarray, qids: list[str], g: np.ndarray, gi
     want = min(pool, len(gids))
     found = (cand >= 0).sum(axis=1)  # (Q,) an approximate index may return fewer than asked
     if want and (found == 0).any():
+        empty = np.flatnonzero(found == 0)
+        zero = [qids[int(r)] for r in empty if not np.any(q[int(r)])]
+        if zero:  # a zero vector has no nearest list: no nprobe helps
+            raise ValueError(f"retrieve {d}: {len(zero)} quer{'y is' if len(zero) == 1 else 'ies are'} an all-zero "
+                             f"embedding (e.g. {zero[0]!r}: an image or caption whose features fell back to zeros, "
+                             f"images.fallback: zero) and the {index.kind} index finds nothing for it; set "
+                             f"images.fallback: blank or retrieval.index: flat")
         knob = {"ivf": "raise retrieval.nprobe", "hnsw": "raise retrieval.ef_search",
                 "ivfpq": "raise retrieval.nprobe"}.get(index.kind, "use flat")
         raise ValueError(f"retrieve {d}: {int((found == 0).sum())} of {len(qids)} queries got no candidate "
