@@ -22,13 +22,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.text_memory import D, L, peak_rss_mb
+from bench.text_memory import D, L, peak_rss_mb, run_json_child
 
 DATASET = "bench"
 TYPES = ("PER", "LOC", "ORG", "OTHER")
@@ -124,12 +122,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def run_child(step: str, n: int, d: Path) -> dict:
-    cmd = [sys.executable, "-m", "bench.stage_memory", "--child", step, "--n", str(n), "--dir", str(d)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_json_child("bench.stage_memory", "--child", step, "--n", str(n), "--dir", str(d))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -117,14 +117,20 @@ def child(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_child(step: str, kind: str, n: int, d: Path, random_reads: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.text_memory", "--child", step, "--kind", kind, "--n", str(n),
-           "--dir", str(d), "--random-reads", str(random_reads)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+def run_json_child(module: str, *args: str) -> dict:
+    """Run ``python -m <module> *args`` (one BLAS thread) in a fresh process, so its peak RSS is
+    its own; returns the JSON it prints last."""
+    cmd = [sys.executable, "-m", module, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_child(step: str, kind: str, n: int, d: Path, random_reads: int) -> dict:
+    return run_json_child("bench.text_memory", "--child", step, "--kind", kind, "--n", str(n),
+                          "--dir", str(d), "--random-reads", str(random_reads))
 
 
 def main(argv: list[str] | None = None) -> None:

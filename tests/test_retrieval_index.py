@@ -127,20 +127,25 @@ from pipeline.stores.tables import write_caption_features  # noqa: E402
 D, S = 8, 3
 
 
+def write_test_manifests(prep, imgs, caps, query_id_type):
+    """The prepared retrieval manifests of a test split: ``caps`` is [(caption_id, image_id)]."""
+    prep.mkdir(parents=True)
+    write_parquet(pa.table({"split": ["test"] * len(caps), "caption_id": [c for c, _ in caps],
+                            "text": ["t"] * len(caps), "image_ids": [[i] for _, i in caps],
+                            "entities": [["e"]] * len(caps)}), prep / "captions.parquet", {})
+    write_parquet(pa.table({"split": ["test"] * len(imgs), "image_id": imgs,
+                            "caption_ids": [[c for c, i in caps if i == im] for im in imgs]}),
+                  prep / "gallery.parquet", {})
+    (prep / "meta.json").write_text(json.dumps({"query_id_type": query_id_type, "image_id_type": "str"}))
+
+
 def make_project(root, n_img=6, caps_per=2, drop_cache_caption=None, drop_cache_image=None, seed=0):
     """data/prepared/toy + features/toy/{patches,captions} with real writers; test split only."""
     rng = np.random.default_rng(seed)
     prep = root / "data" / "prepared" / "toy"
-    prep.mkdir(parents=True)
     imgs = [str(100 + i) for i in range(n_img)]
     caps = [(str(c), imgs[c // caps_per]) for c in range(n_img * caps_per)]
-    write_parquet(pa.table({"split": ["test"] * len(caps), "caption_id": [c for c, _ in caps],
-                            "text": ["t"] * len(caps), "image_ids": [[i] for _, i in caps],
-                            "entities": [["e"]] * len(caps)}), prep / "captions.parquet", {})
-    write_parquet(pa.table({"split": ["test"] * n_img, "image_id": imgs,
-                            "caption_ids": [[c for c, i in caps if i == im] for im in imgs]}),
-                  prep / "gallery.parquet", {})
-    (prep / "meta.json").write_text(json.dumps({"query_id_type": "int", "image_id_type": "str"}))
+    write_test_manifests(prep, imgs, caps, "int")
     img_emb = rng.standard_normal((n_img, D)).astype(np.float32)
     keep = [i for i in imgs if i != drop_cache_image]
     write_shard(root / "features/toy/patches/shard-00000.h5", keep,

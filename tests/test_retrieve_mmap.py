@@ -5,22 +5,20 @@ It must give the same arrays, fingerprint, lists and scores (bit for bit) as the
 path for every index kind, and the temp dir must go away, also on an error. No memory or
 timing asserts here (bench/retrieve_memory.py measures the peak RSS).
 """
-import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import pipeline.retrieval.data as rdata
 import pipeline.retrieval.index as rindex
 import pipeline.stores.shards as shards
-from pipeline.artifacts import write_parquet
 from pipeline.retrieval.data import SCRATCH_PREFIX, gather_rows, load_retrieval_set, scratch_dir
 from pipeline.retrieval.index import is_memory_mapped
 from pipeline.retrieval.retrieve_job import gallery_scratch, run_retrieve
 from pipeline.stores.shards import ShardReader, write_shard
 from pipeline.stores.tables import CaptionFeaturesWriter
+from tests.test_retrieval_index import write_test_manifests
 
 D, S = 16, 3
 ARRAYS = ("image_emb", "caption_emb", "prompt_emb", "mask_emb")
@@ -31,16 +29,9 @@ def make_project(root, n_img=90, n_train=25, caps_per=3, seed=0, zero_image=True
     (many small row groups)}; duplicate vectors (exact ties) and one all-zero image."""
     rng = np.random.default_rng(seed)
     prep = root / "data" / "prepared" / "toy"
-    prep.mkdir(parents=True)
     imgs = [f"im{i:03d}" for i in range(n_img)]
     caps = [(f"c{c:04d}", imgs[c // caps_per]) for c in range(n_img * caps_per)]
-    write_parquet(pa.table({"split": ["test"] * len(caps), "caption_id": [c for c, _ in caps],
-                            "text": ["t"] * len(caps), "image_ids": [[i] for _, i in caps],
-                            "entities": [["e"]] * len(caps)}), prep / "captions.parquet", {})
-    write_parquet(pa.table({"split": ["test"] * n_img, "image_id": imgs,
-                            "caption_ids": [[c for c, i in caps if i == im] for im in imgs]}),
-                  prep / "gallery.parquet", {})
-    (prep / "meta.json").write_text(json.dumps({"query_id_type": "str", "image_id_type": "str"}))
+    write_test_manifests(prep, imgs, caps, "str")
     emb = {i: rng.standard_normal(D).astype(np.float32) * rng.uniform(0.5, 3) for i in imgs}
     emb[imgs[7]] = emb[imgs[3]].copy()  # exact ties
     emb[imgs[11]] = 2 * emb[imgs[3]]
