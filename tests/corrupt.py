@@ -23,3 +23,19 @@ def overwrite_middle(path: Path, dataset: str, data: bytes = FLOAT_MAX) -> None:
         fh.seek(offset + (size - len(data)) // 2)
         fh.write(data)
     assert path.stat().st_size == size_before
+
+
+def overwrite_parquet_column(path: Path, column: str, row_group: int = 0, data: bytes = FLOAT_MAX) -> None:
+    """Overwrite ``data`` in the middle of ``column``'s stored bytes in one row group, keeping the file size."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata.row_group(row_group)
+    chunk = next(meta.column(i) for i in range(meta.num_columns)
+                 if meta.column(i).path_in_schema.split(".")[0] == column)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    assert chunk.total_compressed_size > len(data), f"{path}: {column!r} stores fewer than {len(data)} bytes there"
+    size_before = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(start + (chunk.total_compressed_size - len(data)) // 2)
+        fh.write(data)
+    assert path.stat().st_size == size_before

@@ -25,7 +25,7 @@ from pipeline.stores.tables import (
     write_caption_features,
     write_text_features,
 )
-from tests.corrupt import FLOAT_MAX
+from tests.corrupt import overwrite_parquet_column
 
 PROV = {"stage": "text", "model": "synthetic"}
 L, D = 2, 16  # layers, width: 128 bytes a word
@@ -138,16 +138,8 @@ def test_a_damaged_row_group_raises_naming_file_column_and_row_group(tmp_path):
     rs = rows(80, states=False)
     write_text_features(d, rs, PROMPTS, PROV, row_group_bytes=4096)
     path = d / "words.parquet"
-    pf = pq.ParquetFile(path)
-    assert pf.metadata.num_row_groups >= 3
-    meta = pf.metadata.row_group(2)
-    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("feats."))
-    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
-    size = path.stat().st_size
-    with open(path, "r+b") as fh:  # same size, different bytes, in row group 2 only
-        fh.seek(start + (chunk.total_compressed_size - len(FLOAT_MAX)) // 2)
-        fh.write(FLOAT_MAX)
-    assert path.stat().st_size == size
+    assert pq.ParquetFile(path).metadata.num_row_groups >= 3
+    overwrite_parquet_column(path, "feats", row_group=2)  # same size, different bytes, in row group 2 only
     tf = TextFeatures(d)  # opens: ids and counts are intact
     groups = [tf.table._locate(i)[0] for i in range(len(rs))]
     fine = next(r for r, g in zip(rs, groups) if g == 0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
 from itertools import islice
@@ -254,23 +255,26 @@ def word_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size
 
 def iter_word_features(enc: TextEncoder, samples: Iterable[Sequence[str]], batch_size: int = 32,
                        progress: str | None = None, states_layer: int | None = None,
-                       chunk: int = CHUNK_SAMPLES, total: int | None = None) -> Iterator[SampleFeatures]:
+                       chunk: int = CHUNK_SAMPLES, total: int | None = None,
+                       bar: Any = None) -> Iterator[SampleFeatures]:
     """Pre-split words per sample -> one :class:`SampleFeatures` per sample, in input order.
 
     Samples are taken ``chunk`` at a time and batched by length inside a chunk (fewer pads),
     so memory holds one chunk's features whatever the dataset's size.
     ``states_layer``: also keep ``hidden_states[states_layer]`` at every sub-word position and
     the first-sub-word positions (the input of the top layers for ``text.tune_top``).
-    ``progress``: label of a progress bar (samples/s) on stderr; None shows none.
+    ``progress``: label of a progress bar (samples/s) on stderr; None shows none. ``bar``: a
+    caller's open progress bar to advance instead (``progress`` and ``total`` are then unused).
     """
     from pipeline.progress import progress as progress_bar
 
     if total is None and isinstance(samples, Sequence):
         total = len(samples)
     it = iter(samples)
-    with progress_bar(total=total, desc=progress, unit="sample", disable=progress is None, mininterval=1.0) as bar:
+    with (nullcontext(bar) if bar is not None else
+          progress_bar(total=total, desc=progress, unit="sample", disable=progress is None, mininterval=1.0)) as b:
         while block := list(islice(it, max(1, int(chunk)))):
-            yield from _chunk_features(enc, block, batch_size, states_layer, bar)
+            yield from _chunk_features(enc, block, batch_size, states_layer, b)
 
 
 def _chunk_features(enc: TextEncoder, samples: Sequence[Sequence[str]], batch_size: int,

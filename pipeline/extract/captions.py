@@ -1,7 +1,8 @@
 """Caption extraction driver of the ``captions`` stage (AGREE's EGR inputs): the CLIP text
 embedding of each caption, of its entity prompts and of its entity-masked variants, padded
 to ``captions.slots``, in Parquet (``pipeline.stores.tables``), written in row groups as the
-captions are encoded (a chunk at a time; every distinct string of a chunk is encoded once).
+captions are encoded (a chunk at a time; every distinct string of a chunk is encoded once); a
+killed run resumes from the chunks it finished (``pipeline.stores.parts``).
 """
 from __future__ import annotations
 
@@ -47,16 +48,60 @@ def _over_context(bundle: Any, texts: Sequence[str]) -> int | None:
 CHUNK_CAPTIONS = 1024  # captions encoded and written together: memory holds one chunk's embeddings
 
 
-def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def _encode_chunk(bundle: Any, c: Mapping[str, list], writers: Sequence[Any], prompt: str, mask_token: str,
+                  slots: int, batch_size: int) -> dict[str, Any]:
+    """Encode one chunk of captions (each distinct string once), add it to every writer; its report counts."""
+    from pipeline.encoders.clip import encode_texts
+
+    prompt_lists, mask_lists, n_ent = [], [], []
+    cut = not_found = 0
+    for text, ents in zip(c["text"], c["entities"]):
+        ents = list(ents or [])
+        p_list, m_list, k = caption_slot_texts(text, ents, prompt, mask_token, slots)
+        prompt_lists.append(p_list)
+        mask_lists.append(m_list)
+        n_ent.append(k)
+        cut += max(0, len(ents) - slots)
+        not_found += sum(1 for e in ents[:slots] if e not in text)
+    texts = c["text"]
+    m, dim = len(texts), bundle.embed_dim
+    # every distinct string of the chunk is encoded once (sorted: batches do not depend on manifest order)
+    unique = sorted(set(texts) | {s for lst in prompt_lists + mask_lists for s in lst})
+    emb_u = encode_texts(bundle, unique, batch_size=batch_size).numpy()  # (U, D)
+    row = {s: i for i, s in enumerate(unique)}
+    emb = emb_u[[row[t] for t in texts]].reshape(m, dim)
+    prompt_emb = emb_u[[row[s] for lst in prompt_lists for s in lst]].reshape(m, slots, dim)
+    mask_emb = emb_u[[row[s] for lst in mask_lists for s in lst]].reshape(m, slots, dim)
+    for w in writers:
+        w.add(c["caption_id"], emb, prompt_emb, mask_emb, n_ent)
+    return {"cut": cut, "not_found": not_found, "encoded": len(unique), "kept": int(sum(n_ent)),
+            "no_entities": sum(1 for x in n_ent if x == 0), "too_long": _over_context(bundle, unique),
+            "splits": dict(Counter(c["split"]))}
+
+
+def _verify_part(part_dir: Path) -> None:
+    """A done part must open as a caption cache and every row group must match its digest."""
+    from pipeline.stores.tables import CaptionFeatures, TableError
+
+    problems = CaptionFeatures(part_dir).table.verify_all()
+    if problems:
+        raise TableError("; ".join(problems))
+
+
+def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.PathLike | None = None,
+                     chunk: int = CHUNK_CAPTIONS) -> dict[str, Any]:
     """Write ``features/<ds>/captions``: emb (N, D), prompt_emb (N, S, D), mask_emb (N, S, D), n_entities (N,).
 
-    Streams: ``CHUNK_CAPTIONS`` captions at a time are encoded (each distinct string of the
-    chunk once) and written as row groups, so memory does not grow with the dataset.
+    Streams: ``chunk`` captions at a time are encoded (each distinct string of the chunk once)
+    and written as row groups, so memory does not grow with the dataset. Resumes: each chunk
+    also goes to a part (``pipeline.stores.parts``), so a rerun after a kill encodes only the
+    chunks that were not finished.
     """
-    from pipeline.encoders.clip import encode_texts, load_clip
+    from pipeline.encoders.clip import load_clip
     from pipeline.progress import progress as progress_bar
-    from pipeline.stores.tables import (FLOAT_DTYPES, TABLE_FORMAT, CaptionFeaturesWriter, manifest_chunks,
-                                        read_manifest)
+    from pipeline.stores.parts import ChunkParts
+    from pipeline.stores.tables import (FLOAT_DTYPES, TABLE_FORMAT, CaptionFeatures, CaptionFeaturesWriter,
+                                        manifest_chunks, read_manifest)
 
     t0 = time.perf_counter()
     if dataset not in params["datasets"]:
@@ -72,7 +117,7 @@ def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.
     if dtype not in FLOAT_DTYPES:
         raise ExtractError(f"params.yaml: captions.dtype: {dtype!r} must be one of {', '.join(FLOAT_DTYPES)}")
     setup_torch(params["clip"].get("threads"))
-    bundle = load_clip(params["clip"], device=resolve_device(params["clip"].get("device", "cpu")))
+    bundle = load_clip(params["clip"], device=resolve_device(params["clip"].get("device", "cpu")), image_tower=False)
     cols = ["split", "caption_id", "text", "entities"]
     captions = read_manifest(prepared_dir(dataset) / "captions.parquet", cols)
     n = captions.num_rows
@@ -88,47 +133,39 @@ def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.
                   "embeddings": "open_clip encode_text, projected, not normalised", "table_format": TABLE_FORMAT,
                   "inputs_sha": inputs_sha, "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
     out = Path(out_dir) if out_dir else features_dir(dataset, "captions")
+    parts = ChunkParts(out, run_fp, verify=_verify_part)
+    totals: Counter = Counter()
     splits: Counter = Counter()
-    kept = cut = not_found = no_entities = encoded = 0
     too_long: int | None = 0
-    dim = bundle.embed_dim
-
+    texts_now = 0  # distinct texts encoded by this run (not replayed from parts)
     with CaptionFeaturesWriter(out, provenance, dtype=dtype) as writer, \
             progress_bar(total=n, desc=f"captions {dataset}", unit="caption", mininterval=1.0) as bar:
-        for c in manifest_chunks(captions, cols, rows=CHUNK_CAPTIONS):
-            prompt_lists, mask_lists, n_ent = [], [], []
-            for text, ents in zip(c["text"], c["entities"]):
-                ents = list(ents or [])
-                p_list, m_list, k = caption_slot_texts(text, ents, prompt, mask_token, slots)
-                prompt_lists.append(p_list)
-                mask_lists.append(m_list)
-                n_ent.append(k)
-                cut += max(0, len(ents) - slots)
-                not_found += sum(1 for e in ents[:slots] if e not in text)
-            texts = c["text"]
-            m = len(texts)
-            # every distinct string of the chunk is encoded once (sorted: batches do not depend on manifest order)
-            unique = sorted(set(texts) | {s for lst in prompt_lists + mask_lists for s in lst})
-            emb_u = encode_texts(bundle, unique, batch_size=batch_size).numpy()  # (U, D)
-            row = {s: i for i, s in enumerate(unique)}
-            emb = emb_u[[row[t] for t in texts]].reshape(m, dim)
-            prompt_emb = emb_u[[row[s] for lst in prompt_lists for s in lst]].reshape(m, slots, dim)
-            mask_emb = emb_u[[row[s] for lst in mask_lists for s in lst]].reshape(m, slots, dim)
-            writer.add(c["caption_id"], emb, prompt_emb, mask_emb, n_ent)
-            over = _over_context(bundle, unique)
+        for k, c in enumerate(manifest_chunks(captions, cols, rows=chunk)):
+            chunk_sha = fingerprint_stream(zip(c["caption_id"], c["text"], [list(e or []) for e in c["entities"]]))
+            stats = parts.load(k, chunk_sha)
+            if stats is not None:
+                done = CaptionFeatures(parts.path(k))
+                writer.add(done.caption_ids, done.emb, done.prompt_emb, done.mask_emb, done.n_entities)
+            else:
+                with CaptionFeaturesWriter(parts.path(k), parts.provenance(k, chunk_sha), dtype=dtype) as part:
+                    stats = _encode_chunk(bundle, c, (writer, part), prompt, mask_token, slots, batch_size)
+                parts.mark_done(k, chunk_sha, stats)
+                totals["captions_encoded"] += len(c["caption_id"])
+                texts_now += stats["encoded"]
+            over = stats.pop("too_long")
             too_long = None if over is None or too_long is None else too_long + over
-            encoded += len(unique)
-            kept += int(sum(n_ent))
-            no_entities += sum(1 for x in n_ent if x == 0)
-            splits.update(c["split"])
-            bar.update(m)
+            splits.update(stats.pop("splits"))
+            totals.update(stats)
+            bar.update(len(c["caption_id"]))
+    parts.clear()  # the cache is in place: the parts are no longer needed
     seconds = time.perf_counter() - t1
     report = {"stage": "captions", "dataset": dataset, "fingerprint": run_fp, "captions": n,
-              "by_split": dict(sorted(splits.items())), "slots": slots, "entities_kept": kept,
-              "entities_cut": cut, "entities_not_in_caption": not_found,
-              "captions_without_entities": no_entities,
-              "distinct_texts_encoded": encoded, "texts_over_context_length": too_long,
-              "seconds": round(seconds, 3), "texts_per_s": round(encoded / seconds, 3) if seconds > 0 else 0.0,
+              "by_split": dict(sorted(splits.items())), "slots": slots, "entities_kept": totals["kept"],
+              "entities_cut": totals["cut"], "entities_not_in_caption": totals["not_found"],
+              "captions_without_entities": totals["no_entities"],
+              "distinct_texts_encoded": totals["encoded"], "texts_over_context_length": too_long,
+              "captions_encoded": totals["captions_encoded"], **parts.report(), "seconds": round(seconds, 3),
+              "texts_per_s": round(texts_now / seconds, 3) if seconds > 0 else 0.0,
               "seconds_total": round(time.perf_counter() - t0, 3)}
     write_report(dataset, report["stage"], report)
     return report

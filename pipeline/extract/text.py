@@ -1,6 +1,7 @@
 """Text extraction driver of the ``text`` stage: first-sub-word features of every MNER
 sample and the entity-type prompt features, in Parquet (``pipeline.stores.tables``),
-encoded a chunk at a time and written in row groups as they come.
+encoded a chunk at a time and written in row groups as they come; a killed run resumes
+from the chunks it finished (``pipeline.stores.parts``).
 
 The run fingerprint hashes the encoder's provenance, the params that shape the features,
 the entity types and the samples' tokens; the truncated words are listed in the report.
@@ -10,11 +11,12 @@ from __future__ import annotations
 import os
 import time
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import fingerprint, fingerprint_stream, package_versions
+from pipeline.encoders.text import CHUNK_SAMPLES
 from pipeline.extract.common import (PACKAGES, ExtractError, features_dir, positive_int, prepared_dir, resolve_device,
                                      setup_torch, write_report)
 
@@ -31,18 +33,66 @@ def entity_types(tag_lists: Sequence[Sequence[str]], other_tag: str | None) -> l
     return types + found
 
 
-def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def _encode_chunk(enc: Any, sample_ids: Sequence[str], tokens: Sequence[Sequence[str]], writers: Sequence[Any],
+                  bar: Any, batch_size: int, states_layer: int | None) -> dict[str, Any]:
+    """Encode one chunk of samples, add each row to every writer; the chunk's report counts."""
+    from pipeline.encoders.text import iter_word_features
+
+    stats: dict[str, Any] = {"n_words": [], "n_kept": [], "empty_words": [], "subwords": 0}
+    for sid, sf in zip(sample_ids, iter_word_features(enc, tokens, batch_size=batch_size, states_layer=states_layer,
+                                                      chunk=len(tokens), bar=bar)):
+        r = {"sample_id": sid, "n_words": sf.n_words, "n_kept": sf.n_kept, "feats": sf.feats}
+        if sf.states is not None:
+            r["states"], r["first"] = sf.states, sf.first
+            stats["subwords"] += len(sf.states)
+        for w in writers:
+            w.add(r)
+        stats["n_words"].append(sf.n_words)
+        stats["n_kept"].append(sf.n_kept)
+        stats["empty_words"].append(sf.empty_words)
+    return stats
+
+
+def _verify_part(part_dir: Path) -> None:
+    """A done part must open as a text cache and every row group must match its digest."""
+    from pipeline.stores.tables import TableError, TextFeatures
+
+    t = TextFeatures(part_dir)
+    problems = t.table.verify_all() + (t.states_table.verify_all() if t.states_table is not None else [])
+    if problems:
+        raise TableError("; ".join(problems))
+
+
+def _replay_part(part_dir: Path, writer: Any) -> None:
+    """Add a done part's rows to ``writer`` (the same rows an encoding of its chunk gives)."""
+    from pipeline.stores.tables import TextFeatures
+
+    t = TextFeatures(part_dir)
+    for sid in t.sample_ids:
+        r = {"sample_id": sid, "n_words": t.n_words(sid), "n_kept": t.n_kept(sid), "feats": t.get(sid)}
+        if t.has_states:
+            r["states"], r["first"] = t.states(sid)
+        writer.add(r)
+
+
+def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.PathLike | None = None,
+                 chunk: int = CHUNK_SAMPLES) -> dict[str, Any]:
     """Write ``features/<ds>/text``: first-sub-word features per sample + type-prompt features.
 
-    Streams: samples are encoded a chunk at a time and written as they come (row groups), so
-    memory does not grow with the dataset (the manifest stays in Arrow form).
+    Streams: ``chunk`` samples at a time are encoded (batched by length inside the chunk) and
+    written as they come (row groups), so memory does not grow with the dataset (the manifest
+    stays in Arrow form). Resumes: each chunk also goes to a part (``pipeline.stores.parts``),
+    so a rerun after a kill encodes only the chunks that were not finished.
     """
     import pyarrow.compute as pc
 
     from pipeline.data.conll import has_images
-    from pipeline.encoders.text import (absolute_layers, check_tune_top, iter_word_features, load_text_encoder,
-                                        prompt_texts, type_prompt_features, word_stats)
-    from pipeline.stores.tables import FLOAT_DTYPES, TABLE_FORMAT, manifest_chunks, read_manifest, write_text_features
+    from pipeline.encoders.text import (absolute_layers, check_tune_top, load_text_encoder, prompt_texts,
+                                        type_prompt_features, word_stats)
+    from pipeline.progress import progress as progress_bar
+    from pipeline.stores.parts import ChunkParts
+    from pipeline.stores.tables import (FLOAT_DTYPES, TABLE_FORMAT, TextFeaturesWriter, manifest_chunks,
+                                        read_manifest)
 
     t0 = time.perf_counter()
     if dataset not in params["datasets"]:
@@ -86,27 +136,30 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
                   "table_format": TABLE_FORMAT,
                   "inputs_sha": inputs_sha, "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
     out = Path(out_dir) if out_dir else features_dir(dataset, "text")
+    parts = ChunkParts(out, run_fp, verify=_verify_part)
     n_words = array("i")  # per-sample counts for the report, 4 bytes each (the features are not kept)
     n_kept = array("i")
     empty = array("i")
-    n_sub = 0
-
-    def rows() -> Iterator[dict[str, Any]]:
-        nonlocal n_sub
-        ids = (sid for c in manifest_chunks(samples, ["sample_id"]) for sid in c["sample_id"])
-        toks = (tok for c in manifest_chunks(samples, ["tokens"]) for tok in c["tokens"])
-        for sid, sf in zip(ids, iter_word_features(enc, toks, batch_size=batch_size, progress=f"text {dataset}",
-                                                   states_layer=states_layer, total=n_samples)):
-            n_words.append(sf.n_words)
-            n_kept.append(sf.n_kept)
-            empty.append(sf.empty_words)
-            r = {"sample_id": sid, "n_words": sf.n_words, "n_kept": sf.n_kept, "feats": sf.feats}
-            if sf.states is not None:
-                r["states"], r["first"] = sf.states, sf.first
-                n_sub += len(sf.states)
-            yield r
-
-    write_text_features(out, rows(), prompts, provenance, dtype=dtype)
+    n_sub = encoded = 0
+    with TextFeaturesWriter(out, prompts, provenance, dtype=dtype) as writer, \
+            progress_bar(total=n_samples, desc=f"text {dataset}", unit="sample", mininterval=1.0) as bar:
+        for k, c in enumerate(manifest_chunks(samples, ["sample_id", "tokens"], rows=chunk)):
+            chunk_sha = fingerprint_stream(zip(c["sample_id"], c["tokens"]))
+            stats = parts.load(k, chunk_sha)
+            if stats is not None:
+                _replay_part(parts.path(k), writer)
+                bar.update(len(c["sample_id"]))
+            else:
+                with TextFeaturesWriter(parts.path(k), prompts, parts.provenance(k, chunk_sha), dtype=dtype) as part:
+                    stats = _encode_chunk(enc, c["sample_id"], c["tokens"], (writer, part), bar,
+                                          batch_size=batch_size, states_layer=states_layer)
+                parts.mark_done(k, chunk_sha, stats)
+                encoded += len(c["sample_id"])
+            n_words.extend(stats["n_words"])
+            n_kept.extend(stats["n_kept"])
+            empty.extend(stats["empty_words"])
+            n_sub += int(stats["subwords"])
+    parts.clear()  # the cache is in place: the parts are no longer needed
     seconds = time.perf_counter() - t1
     d, size = enc.hidden_size, 2 if dtype == "float16" else 4
     words_kept = int(sum(n_kept))
@@ -125,8 +178,8 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
     report = {"stage": "text", "dataset": dataset, "fingerprint": run_fp, **word_stats(n_words, n_kept, empty),
               "truncated_samples": truncated, "types": types, "layers": enc.layers, "hidden_size": enc.hidden_size,
               "tune_top": tune_top, "states_layer": states_layer, "cache_size": cache,
-              "seconds": round(seconds, 3),
-              "samples_per_s": round(n_samples / seconds, 3) if seconds > 0 and n_samples else 0.0,
+              "samples_encoded": encoded, **parts.report(), "seconds": round(seconds, 3),
+              "samples_per_s": round(encoded / seconds, 3) if seconds > 0 and encoded else 0.0,
               "seconds_total": round(time.perf_counter() - t0, 3)}
     write_report(dataset, report["stage"], report)
     return report
