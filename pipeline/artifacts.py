@@ -83,6 +83,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def temp_leftovers(directory: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """Temp files a killed writer left in ``directory`` (what :func:`atomic_path` names
+    ``.<final name>.<pid>.tmp``), for final names matching the glob ``pattern``."""
+    d = Path(directory)
+    return sorted(p for p in d.glob(f".{pattern}.*.tmp") if p.is_file()) if d.is_dir() else []
+
+
 def report_path(dataset: str, stage: str, part: str = "") -> Path:
     """``reports/<dataset>/<stage>[-<part>].json``: one stage run's report (counts, fallbacks, timings).
 

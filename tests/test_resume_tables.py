@@ -3,8 +3,11 @@
 byte-identical to an uninterrupted run's."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -12,7 +15,7 @@ import torch
 
 import pipeline.encoders.clip as clip_mod
 import pipeline.encoders.text as text_mod
-from pipeline.artifacts import write_parquet
+from pipeline.artifacts import temp_leftovers, write_parquet
 from pipeline.extract.captions import extract_captions
 from pipeline.extract.text import extract_text
 from pipeline.params import Params
@@ -22,6 +25,7 @@ from pipeline.stores.tables import CAPTIONS_FILE, STATES_FILE, TYPE_PROMPTS_FILE
 from tests.corrupt import overwrite_parquet_column
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 SENTENCES = [["Obama", "visits", "Paris"], ["a"], ["Empire", "State", "Building", "=", "ESB"], ["#NYC", "storm"],
              ["Zürich", "is", "cold"], ["hello", "@paul"], ["the", "end"]]  # 7 samples: chunks of 3, 3, 1
 CAPTIONS = [("c0", "Obama waves in Paris", ["Obama", "Paris"]), ("c1", "a dog on grass", []),
@@ -109,6 +113,37 @@ def test_text_resumes_from_finished_chunks_byte_identical(project, monkeypatch):
     for key in ("words", "words_kept", "words_truncated", "truncated_samples", "cache_size"):
         assert again.get(key) == ref.get(key), key
     assert not parts_root(out).exists()
+
+
+KILL_SCRIPT = """
+import os, signal
+import pipeline.encoders.text as t
+import pipeline.stores.tables as tables
+from pipeline.extract.text import extract_text
+from tests.test_resume_tables import text_params
+real, calls = t._chunk_features, []
+def dying(*a, **kw):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no __exit__: what the OOM killer does
+    return real(*a, **kw)
+t._chunk_features = dying
+tables.BATCH_ROWS = 1  # rows reach the files at once: the kill leaves a started temp file
+extract_text("ds", text_params(), out_dir="run", chunk=3)
+"""
+
+
+def test_text_resumes_after_sigkill(project, monkeypatch):
+    run_text(monkeypatch, project / "ref")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", KILL_SCRIPT], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    out = project / "run"
+    assert temp_leftovers(out) and not (out / WORDS_FILE).exists()  # the killed writer's temp file stays behind
+    again, k = run_text(monkeypatch, out)
+    assert k.calls == 2 and again["parts_resumed"] == 1
+    assert files(out, TEXT_FILES) == files(project / "ref", TEXT_FILES)
+    assert temp_leftovers(out) == [] and sorted(p.name for p in out.iterdir()) == sorted(TEXT_FILES)
 
 
 def test_a_damaged_part_is_computed_again(project, monkeypatch):

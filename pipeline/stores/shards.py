@@ -41,11 +41,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline import artifacts
 from pipeline.artifacts import atomic_path, canonical_json, fingerprint as hash_parts
 
 SHARD_GLOB = "shard-*.h5"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")
-_TMP_RE = re.compile(r"^\.shard-(\d{5,})\.h5\..+\.tmp$")
 _LIBVER = ("v110", "v110")  # fixed-array chunk index (O(1) chunk lookup); readable by HDF5 >= 1.10
 _STR = h5py.string_dtype("utf-8")
 DIGEST_ATTR = "sha256"  # per dataset: sha256 of its dtype, shape and bytes (ids: of the id list)
@@ -136,8 +136,7 @@ def shard_index_of(path: str | os.PathLike) -> int | None:
 
 def temp_leftovers(out_dir: str | os.PathLike) -> list[Path]:
     """Temporary shard files left by a killed writer."""
-    d = Path(out_dir)
-    return sorted(p for p in d.iterdir() if _TMP_RE.match(p.name)) if d.is_dir() else []
+    return artifacts.temp_leftovers(out_dir, SHARD_GLOB)
 
 
 def shard_fingerprint(run_fingerprint: str, ids: Sequence[str], item_keys: Sequence[str] | None = None) -> str:
