@@ -23,10 +23,25 @@ cosines measure the forward pass alone). bf16 on a CPU without bfloat16 instruct
 fp32 and says so. The model is an open_clip architecture (default ViT-B-32, random-init: no
 weights are downloaded; speed does not depend on the weights, the cosines do) or
 ``--model demo-tiny-vit``; ``--checkpoint`` takes a local file.
+
+``--detector`` measures the Faster R-CNN of the ``regions`` stage instead (``detector.*`` of
+params.yaml, ``--arch`` / ``--score-thresh`` override), in fp32 and under bfloat16 autocast:
+
+    python -m bench.extract --detector --model demo-tiny-vit --images 16 --threads 1 --repeats 3
+                            [--image-dir data/demo/tweets/images] [--score-thresh 0.0]
+
+seconds per image of ``detect`` (batches of ``--batch-size`` images, as the stage passes them;
+best of ``--repeats``, interleaved), the speed-up, and what bf16 changes downstream: the share
+of images whose selected boxes differ (count, labels, or a corner moved by more than 1 pixel;
+NMS, the score threshold and the top-k cut can keep other boxes) and the cosine of the region
+features (the stage's crops through fp32 CLIP ``--model``) to the fp32 ones, per image (its K
+slots as one vector) and per region. Images: the JPEGs of ``--image-dir`` (unusable ones
+skipped, as the stage skips fallbacks), or generated ones.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -114,6 +129,139 @@ def feature_cosines(ref_dir: Path, other_dir: Path) -> dict:
     return out
 
 
+def detector_images(folder: Path, n: int) -> list[np.ndarray]:
+    """The first ``n`` usable JPEGs of ``folder`` (sorted by name) as (H, W, 3) uint8 arrays, as the stage loads them."""
+    from pipeline.data.images import ImagePolicy, load_image
+
+    out: list[np.ndarray] = []
+    for p in sorted(folder.glob("*.jpg")):
+        loaded = load_image(p, ImagePolicy())
+        if not loaded.is_fallback:
+            out.append(np.array(loaded.image))  # a writable copy
+        if len(out) == n:
+            break
+    return out
+
+
+def detector_pass(detector, images: list[np.ndarray], batch_size: int, bf16: bool) -> tuple[float, list[tuple]]:
+    """Seconds per image of ``detect`` over ``images`` in batches (fp32, or under bfloat16 autocast), and its detections."""
+    from pipeline.encoders.detector import detect
+
+    tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div_(255.0) for im in images]  # (3, H, W) in [0, 1]
+    ctx = torch.autocast(detector.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    dets: list[tuple] = []
+    t0 = time.perf_counter()
+    with ctx:
+        for i in range(0, len(tensors), batch_size):
+            dets.extend(detect(detector, tensors[i:i + batch_size]))
+    return (time.perf_counter() - t0) / len(images), dets
+
+
+def region_features(bundle, images: list[np.ndarray], dets: list[tuple], k: int) -> dict[str, np.ndarray]:
+    """The regions stage's slots for ``dets``: feats (N, K, D) (CLIP of the crops), boxes (N, K, 4) in [0, 1], labels, mask."""
+    from collections import Counter
+
+    from pipeline.encoders.clip import encode_pooled
+    from pipeline.extract.images import image_regions
+
+    rows = []
+    for image, (boxes, labels, scores) in zip(images, dets):
+        crops, slots = image_regions(image, boxes, labels, scores, k, bundle.preprocess, Counter())
+        slots["feats"] = np.zeros((k, bundle.embed_dim), np.float32)
+        if crops:
+            slots["feats"][:len(crops)] = encode_pooled(bundle, torch.stack(crops)).numpy()
+        rows.append(slots)
+    return {name: np.stack([r[name] for r in rows]) for name in ("feats", "boxes", "labels", "mask")}
+
+
+def region_agreement(ref: dict[str, np.ndarray], other: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> dict:
+    """Boxes and region features of ``other`` against ``ref`` (both from ``region_features``), per image."""
+    from torchvision.ops import box_iou
+
+    wh = np.array([[w, h, w, h] for h, w in sizes], np.float64)[:, None, :]  # (N, 1, 4): [0, 1] -> pixels
+    moved = np.abs(ref["boxes"] - other["boxes"]) * wh  # (N, K, 4) pixels
+    same_slots = (ref["mask"] == other["mask"]).all(1) & (ref["labels"] == other["labels"]).all(1)  # (N,)
+    differ = ~same_slots | (moved.max((1, 2)) > 1.0)
+    exact = same_slots & (ref["boxes"] == other["boxes"]).all((1, 2))
+    n, k, d = ref["feats"].shape
+    has = ref["mask"].any(1) | other["mask"].any(1)  # images with regions in either run
+    out = {"images_with_regions": int(has.sum()), "boxes_differ_share": round(float(differ.mean()), 4),
+           "boxes_bit_identical_share": round(float(exact.mean()), 4),
+           "max_corner_shift_px_same_slots": round(float(moved[same_slots].max()) if same_slots.any() else 0.0, 4)}
+    best_iou = [box_iou(torch.from_numpy(o[om]), torch.from_numpy(r[rm])).max(1).values  # each bf16 box's best fp32 match
+                for o, om, r, rm in zip(other["boxes"], other["mask"], ref["boxes"], ref["mask"]) if om.any() and rm.any()]
+    if best_iou:
+        iou = torch.cat(best_iou)
+        out["best_iou_to_fp32_box"] = {"mean": round(float(iou.mean()), 4), "min": round(float(iou.min()), 4),
+                                       "share_above_0.9": round(float((iou > 0.9).float().mean()), 4)}
+    if has.any():
+        c = _cos_rows(ref["feats"][has].reshape(-1, k * d), other["feats"][has].reshape(-1, k * d))
+        both = ref["mask"] & other["mask"]
+        single = _cos_rows(ref["feats"][both], other["feats"][both]) if both.any() else np.zeros(1)
+        out["cosine_per_image"] = {"mean": round(float(c.mean()), 6), "min": round(float(c.min()), 6)}
+        out["cosine_per_region_min"] = round(float(single.min()), 6)
+    return out
+
+
+def detector_main(args: argparse.Namespace) -> dict:
+    """``--detector``: the regions stage's Faster R-CNN in fp32 and under bf16 autocast (see the module docstring)."""
+    import yaml
+
+    from pipeline.encoders.clip import load_clip, resolve_precision
+    from pipeline.encoders.detector import load_detector
+
+    det_params = dict(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["detector"])
+    det_params.update(source="fasterrcnn", checkpoint=args.detector_checkpoint)
+    if args.arch:
+        det_params["arch"] = args.arch
+    if args.score_thresh is not None:
+        det_params["score_thresh"] = args.score_thresh
+    with tempfile.TemporaryDirectory(prefix="bench-detector-") as tmp:
+        folder = Path(args.image_dir) if args.image_dir else Path(tmp)
+        if not args.image_dir:
+            make_images(folder, args.images, args.width, args.height)
+        images = detector_images(folder, args.images)
+    detector = load_detector(det_params, device=args.device)
+    bundle = load_clip({"model": args.model, "checkpoint": args.checkpoint, "precision": "fp32"}, device=args.device)
+    bf16 = resolve_precision("bf16", detector.device)
+    figures: dict = {"detector": {k: det_params[k] for k in ("arch", "checkpoint", "score_thresh", "nms_iou", "topk")},
+                     "clip_for_crops": args.model, "threads": args.threads, "batch_size": args.batch_size,
+                     "images": len(images), "image_dir": args.image_dir or f"generated {args.width}x{args.height}",
+                     "bf16": bf16, "load_before": os.getloadavg()[0]}
+    print(f"{len(images)} images, {det_params['arch']} ({det_params['checkpoint']}), score_thresh "
+          f"{det_params['score_thresh']}, topk {det_params['topk']}, {args.threads} thread(s)")
+    if bf16.get("fallback"):
+        print(f"note: {bf16['fallback']}; autocast still runs, emulated (slow)")
+    detector_pass(detector, images[:2], args.batch_size, False)  # warm-up: allocator, oneDNN primitives
+    detector_pass(detector, images[:2], args.batch_size, True)
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    dets: dict[str, list] = {}
+    for _ in range(args.repeats):  # interleaved, best of the repeats: a shared machine's load drifts
+        for prec in best:
+            s, dets[prec] = detector_pass(detector, images, args.batch_size, prec == "bf16")
+            best[prec] = min(best[prec], s)
+            print(f"[{prec}] detect: {s:.4f} s/image")
+    regions = {prec: region_features(bundle, images, dets[prec], int(det_params["topk"])) for prec in best}
+    agree = region_agreement(regions["fp32"], regions["bf16"], [im.shape[:2] for im in images])
+    speedup = best["fp32"] / best["bf16"]
+    ok = speedup >= 1.5 and "cosine_per_image" in agree and agree["cosine_per_image"]["min"] >= 0.999 \
+        and agree["boxes_differ_share"] == 0.0  # no regions at all: nothing was compared, not met
+    figures.update(s_per_image={k: round(v, 4) for k, v in best.items()}, speedup=round(speedup, 2), **agree,
+                   meets_rule=ok, load_after=os.getloadavg()[0])
+    cos = agree.get("cosine_per_image")
+    print(f"best of {args.repeats}: fp32 {best['fp32']:.4f} s/image, bf16 {best['bf16']:.4f} s/image, x{speedup:.2f}")
+    print(f"boxes differ in {agree['boxes_differ_share']:.1%} of the images (bit-identical in "
+          f"{agree['boxes_bit_identical_share']:.1%}; largest corner shift where the slots agree "
+          f"{agree['max_corner_shift_px_same_slots']:.3f} px); "
+          + (f"each bf16 box's best IoU with an fp32 box: mean {agree['best_iou_to_fp32_box']['mean']:.4f}, min "
+             f"{agree['best_iou_to_fp32_box']['min']:.4f}; " if "best_iou_to_fp32_box" in agree else "")
+          + (f"region features cosine per image mean {cos['mean']:.6f} min {cos['min']:.6f}, per region min "
+             f"{agree['cosine_per_region_min']:.6f}" if cos else "no regions in either run"))
+    print(f"rule for detector.precision (>= 1.5x faster, min cosine >= 0.999, identical boxes): "
+          f"{'met' if ok else 'not met' if cos else 'not measurable (no regions; lower --score-thresh)'}")
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32) or demo-tiny-vit")
@@ -132,11 +280,22 @@ def main() -> None:
                     "report the best of each (a shared machine's load drifts)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
+    ap.add_argument("--detector", action="store_true", help="measure the regions stage's Faster R-CNN, fp32 vs bf16")
+    ap.add_argument("--arch", default="", help="--detector: detector.arch (default: params.yaml's)")
+    ap.add_argument("--score-thresh", type=float, default=None, help="--detector: detector.score_thresh "
+                    "(default: params.yaml's)")
+    ap.add_argument("--detector-checkpoint", default="random-init", help="--detector: local state dict")
+    ap.add_argument("--image-dir", default="", help="--detector: a folder of JPEGs (default: generated)")
     args = ap.parse_args()
 
     from pipeline.encoders.clip import encode_images, load_clip
 
     torch.set_num_threads(args.threads)
+    if args.detector:
+        figures = detector_main(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
 
     def clip_params(precision: str) -> dict:

@@ -8,16 +8,26 @@ error classes, or a ValueError/KeyError/RuntimeError raised by code in ``pipelin
 ``stages/``, which always names the file, line or param) or when an input file is missing.
 Anything else is a bug and keeps its traceback (exit 1). ``--debug`` or ``PIPELINE_DEBUG=1``
 shows the traceback of every error.
+
+SIGTERM (what a scheduler or ``kill`` sends to stop a stage) raises ``Terminated`` in the
+main thread, so every ``finally`` and ``__exit__`` runs (scratch dirs, temp files of atomic
+writes are removed) before the stage exits with status 143 (128 + SIGTERM) and the line
+``stage@dataset: terminated (SIGTERM)``. The handler then gives SIGTERM back its previous
+action, so a second SIGTERM during that cleanup stops the process at once; SIGINT is untouched.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 USER_ERROR = 2  # exit status of an expected error (argparse uses it for usage errors too)
+TERMINATED = 128 + signal.SIGTERM  # 143: exit status of a stage stopped by SIGTERM, as the shell reports it
 _OURS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "stages")
 
 
@@ -61,14 +71,52 @@ def one_line(e: BaseException, label: str = "") -> str:
     return " ".join(text.split()) or type(e).__name__
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt: ``except Exception`` does not stop it."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises ``Terminated`` (main thread, default SIGTERM action only); restored after.
+
+    The handler restores the previous action before raising, so a second SIGTERM is not
+    swallowed by cleanup that hangs. Elsewhere (a thread, an ignored or custom SIGTERM) nothing
+    changes; a forked child (a DataLoader worker) that inherits the handler dies as by default.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() != pid:  # a forked child: the default action, as before
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_stage(stage: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; an expected error becomes ``stage@dataset: message`` and exit status 2."""
+    """Run ``main(argv)``; an expected error becomes ``stage@dataset: message`` and exit status 2.
+
+    SIGTERM unwinds ``main`` (its cleanup runs) and gives ``stage@dataset: terminated (SIGTERM)``, status 143.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
     positional = [a for a in argv if not a.startswith("-")]
     label = f"{stage}@{positional[0]}" if positional else stage
     try:
-        rc = main(argv)
+        with sigterm_raises():
+            rc = main(argv)
+    except Terminated:
+        print(f"{label}: terminated (SIGTERM)", file=sys.stderr)
+        return TERMINATED
     except SystemExit as e:
         if isinstance(e.code, str):  # a stage's own `raise SystemExit("message")`
             print(f"{label}: {' '.join(e.code.split())}", file=sys.stderr)

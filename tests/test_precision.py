@@ -255,3 +255,47 @@ def test_bf16_image_tower_matches_fp32_and_tells_what_ran():
     assert torch.nn.functional.cosine_similarity(tb, t32, dim=-1).min() > 0.999
     assert torch.nn.functional.cosine_similarity(pb, p32, dim=-1).min() > 0.999
     assert torch.equal(b.model.visual(x)[0].float(), pb)  # calling the tower directly runs the same way
+
+
+def test_text_only_load_says_nothing_about_the_image_tower_and_text_is_fp32_either_way(monkeypatch, capsys):
+    from pipeline.encoders.clip import encode_texts
+
+    bf16 = {**PARAMS["clip"], "precision": "bf16"}
+    texts = ["a photo of a dog", "Obama in Paris", ""]
+    monkeypatch.setattr(clip_mod, "cpu_flags", lambda path="/proc/cpuinfo": {"avx512f", "fma"})  # no bfloat16
+    image = load_clip(bf16)
+    assert "clip.precision: bf16 requested, running fp32" in capsys.readouterr().err  # the image stages are told
+    text = load_clip(bf16, image_tower=False)
+    assert capsys.readouterr().err == ""  # the captions stage is not: it has no image tower to run in bf16
+    assert text.precision == {"requested": "bf16", "used": "fp32"} and image.precision["used"] == "fp32"
+    with pytest.raises(clip_mod.ClipLoadError, match="clip.precision"):
+        load_clip({**PARAMS["clip"], "precision": "fp16"}, image_tower=False)  # still checked
+    # the text tower never runs under the bf16 autocast: with a bf16 image tower its embeddings are bit-identical
+    monkeypatch.setattr(clip_mod, "cpu_flags", lambda path="/proc/cpuinfo": {"avx512_bf16"})
+    fp32, b = load_clip(PARAMS["clip"]), load_clip(bf16)
+    assert b.precision_used == "bf16"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(encode_images(b, x)[0], encode_images(fp32, x)[0])  # the image tower did change
+    assert torch.equal(encode_texts(b, texts), encode_texts(fp32, texts))
+    assert torch.equal(encode_texts(text, texts), encode_texts(fp32, texts))
+
+
+def test_detector_bench_compares_boxes_and_region_features_as_worked_by_hand():
+    from bench.extract import region_agreement
+
+    def run(boxes1: list[float], feat1: list[float]) -> dict[str, np.ndarray]:
+        """Two images, K = 2 slots, D = 2: image 0 fixed, image 1 given; slot 1 empty in both."""
+        return {"boxes": np.array([[[0, 0, 0.5, 0.5], [0] * 4], [boxes1, [0] * 4]], np.float32),
+                "labels": np.array([[1, 0], [3, 0]]), "mask": np.array([[True, False], [True, False]]),
+                "feats": np.array([[[1, 2], [0, 0]], [feat1, [0, 0]]], np.float32)}
+
+    # image 1 (20 wide, 10 high): the box moves right by 0.1 x 20 = 2 pixels (> 1: it differs);
+    # IoU of x 0.1-0.6 vs 0.2-0.7, y 0.1-0.6 both: 0.4 x 0.5 / (0.25 + 0.25 - 0.2) = 2/3
+    got = region_agreement(run([0.1, 0.1, 0.6, 0.6], [1, 0]), run([0.2, 0.1, 0.7, 0.6], [0, 1]), [(10, 20)] * 2)
+    assert got["boxes_differ_share"] == 0.5 and got["boxes_bit_identical_share"] == 0.5
+    assert got["max_corner_shift_px_same_slots"] == pytest.approx(2.0, abs=1e-4)  # same labels and masks, moved
+    assert got["best_iou_to_fp32_box"]["mean"] == pytest.approx((1 + 2 / 3) / 2, abs=1e-4)
+    assert got["best_iou_to_fp32_box"]["min"] == pytest.approx(2 / 3, abs=1e-4)
+    assert got["cosine_per_image"] == {"mean": 0.5, "min": 0.0} and got["cosine_per_region_min"] == 0.0
+    same = run([0.1, 0.1, 0.6, 0.6], [1, 0])
+    assert region_agreement(same, same, [(10, 20)] * 2)["boxes_differ_share"] == 0.0

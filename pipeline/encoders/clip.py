@@ -221,8 +221,12 @@ def _enable_bf16(visual: torch.nn.Module, device: torch.device) -> None:
     visual.forward = autocast_forward
 
 
-def load_clip(params_clip: Mapping[str, Any], device: str | None = None) -> ClipBundle:
-    """Build the frozen CLIP model that ``params_clip`` (the ``clip`` params section) names."""
+def load_clip(params_clip: Mapping[str, Any], device: str | None = None, image_tower: bool = True) -> ClipBundle:
+    """Build the frozen CLIP model that ``params_clip`` (the ``clip`` params section) names.
+
+    ``image_tower=False``: for text only (the captions stage). ``clip.precision`` is checked
+    but not applied: the text tower runs fp32 anyway, so a CPU without bfloat16 gets no message.
+    """
     import open_clip
 
     register_model_configs()
@@ -283,7 +287,10 @@ def load_clip(params_clip: Mapping[str, Any], device: str | None = None) -> Clip
                             f"patch tokens need an open_clip VisionTransformer (a ViT model)")
     visual.output_tokens = True  # visual(x) -> (pooled (B, D), tokens (B, P, W))
     model = model.to(device).eval().requires_grad_(False)
-    precision = resolve_precision(str(params_clip.get("precision", "fp32") or "fp32"), device)
+    requested = str(params_clip.get("precision", "fp32") or "fp32")
+    precision = resolve_precision(requested, device)
+    if not image_tower:  # clip.precision concerns the image tower only
+        precision = {"requested": requested, "used": "fp32"}
     if precision.get("fallback"):
         print(f"clip.precision: bf16 requested, running fp32: {precision['fallback']} (recorded as fp32 in the "
               f"fingerprint and the report; set clip.precision: fp32 to silence this)", file=sys.stderr)
