@@ -68,6 +68,10 @@ class SampleTable(Sequence):
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def sample_ids(self) -> list[str]:
+        return self._sid.to_pylist()
+
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._n))]
@@ -326,11 +330,23 @@ class Caches:
         return out
 
     def dataset_for(self, split: str, tag_index: Mapping[str, int], chars: bool = False,
-                    states: bool = False, cache: bool = True) -> MNERDataset:
-        """``cache=False`` for a split read once (evaluate): nothing is kept."""
-        return MNERDataset(self.samples(split), self.text, tag_index, patches=self.patches,
-                           regions=self.regions, image_fallback=self.image_fallback, chars=chars, states=states,
-                           cache=cache)
+                    states: bool = False, cache: bool = True, cache_bytes: int = ITEM_CACHE_BYTES) -> MNERDataset:
+        """``cache=False`` for a split read once (evaluate): nothing is kept. A split read every
+        epoch whose text is larger than the item cache reads it from a flat copy
+        (:class:`~pipeline.stores.flat.FlatText`): shuffled reads of the Parquet cache would
+        decode a row group per sample."""
+        from pipeline.stores.flat import FlatText
+        from pipeline.stores.tables import TextFeatures
+
+        samples = self.samples(split)
+        text = self.text
+        if cache and isinstance(text, TextFeatures):
+            ids = samples.sample_ids
+            if text.nbytes(ids, states=states) > cache_bytes:
+                text = FlatText(text, ids, states=states)
+        return MNERDataset(samples, text, tag_index, patches=self.patches, regions=self.regions,
+                           image_fallback=self.image_fallback, chars=chars, states=states, cache=cache,
+                           cache_bytes=cache_bytes)
 
     def dims(self) -> dict[str, int]:
         """Input sizes for :class:`pipeline.mner.model.MNERConfig` (0 for unused branches)."""

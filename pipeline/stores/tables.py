@@ -495,10 +495,20 @@ class FeatureTable:
             raise self._damaged(f"column {name!r}, row group {g}: shapes do not match the stored values")
         return values, offsets, shapes
 
-    def iter_groups(self, name: str) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """``(first_row, values, offsets, shapes)`` per row group of array column ``name`` (not cached)."""
-        for g in range(self.num_row_groups):
+    def iter_groups(self, name: str, groups: Iterable[int] | None = None
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(first_row, values, offsets, shapes)`` per row group of array column ``name`` (not cached);
+        ``groups``: only those row groups, in the order given (default: all)."""
+        for g in range(self.num_row_groups) if groups is None else groups:
+            g = int(g)
             yield int(self._rg_start[g]), *self._decode(self._read_group(g, [name, name + SHAPE_SUFFIX]), name, g)
+
+    def groups_of(self, rows: np.ndarray) -> np.ndarray:
+        """The row groups (sorted, unique) that hold the row numbers ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"{self.path}: row numbers outside 0..{self.num_rows - 1}")
+        return np.unique(np.searchsorted(self._rg_start, rows, side="right") - 1)
 
     def verify_all(self) -> list[str]:
         """Every column of every row group against the digests: problems ([] when all match)."""
@@ -830,6 +840,14 @@ class TextFeatures:
             raise TableError(f"{self.dir}: no {STATES_FILE} (the text stage ran with text.tune_top: 0)")
         r = self._words.row(sample_id)  # the same row in both files
         return self._states.array("states", r), self._states.array("first", r)
+
+    def nbytes(self, sample_ids: Sequence[str], states: bool = False) -> int:
+        """float32 bytes of these samples' word features (and states): what reading them all costs."""
+        rows = np.fromiter((self._words.row(s) for s in sample_ids), dtype=np.int64, count=len(sample_ids))
+        total = int(np.prod(self._words.shapes("feats")[rows], axis=1).sum())
+        if states and self._states is not None:
+            total += int(np.prod(self._states.shapes("states")[rows], axis=1).sum())
+        return 4 * total
 
     @property
     def table(self) -> FeatureTable:
