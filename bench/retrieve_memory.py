@@ -106,9 +106,11 @@ def child(root: Path, mode: str, out_dir: Path) -> None:
                       **{k: r[k] for k in ("build_s", "search_s", "queries_per_s", "recall_vs_exact", "nlist")}}))
 
 
-def run(root: Path, mode: str) -> dict:
+def run(root: Path, mode: str, module: str = "bench.retrieve_memory") -> dict:
+    """``python -m <module> --child <mode> --dir <root> --out <temp dir>`` in a fresh process (one BLAS
+    thread), its ``RssAnon`` / ``RssFile`` sampled every 0.1 s; the JSON it prints last, with the peaks."""
     out_dir = Path(tempfile.mkdtemp(prefix="retrieve_memory.out."))
-    cmd = [sys.executable, "-m", "bench.retrieve_memory", "--child", mode, "--dir", str(root), "--out", str(out_dir)]
+    cmd = [sys.executable, "-m", module, "--child", mode, "--dir", str(root), "--out", str(out_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=Path(__file__).resolve().parent.parent)
     peak_anon = peak_file = 0

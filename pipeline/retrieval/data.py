@@ -64,7 +64,7 @@ def _hash_arrays(*parts: Any) -> str:
             if p.ndim == 0:
                 h.update(np.ascontiguousarray(p).tobytes())
             for s in range(0, p.shape[0] if p.ndim else 0, HASH_ROWS):  # same bytes as the whole array's
-                h.update(np.ascontiguousarray(p[s:s + HASH_ROWS]).tobytes())
+                h.update(np.ascontiguousarray(p[s:s + HASH_ROWS]))  # the buffer itself: no copy of the block
                 release_pages(p)
         else:
             h.update(repr(p).encode())

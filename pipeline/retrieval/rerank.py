@@ -262,43 +262,41 @@ def egr_t2i_from_embeddings(image_emb: np.ndarray, cand: np.ndarray, s: np.ndarr
 
 # ---- TBR ----------------------------------------------------------------------------------
 
-def _back_rank(back: np.ndarray, n_queries: int, cand: np.ndarray, absent: int) -> np.ndarray:
-    """b[q, r] = rank of q in the back list of cand[q, r] (first occurrence), else ``absent``."""
-    G, Kb = back.shape
-    flat = back.reshape(-1).astype(np.int64)
-    ok = flat >= 0
-    pos = np.flatnonzero(ok)
-    # one int64 key per (back-list row, query), with the rank in the low digits: sorting
-    # groups each pair with its smallest rank first
-    code = np.sort(((pos // Kb) * n_queries + flat[ok]) * Kb + pos % Kb)
-    keys, ranks = code // Kb, code % Kb
-    first = np.r_[True, keys[1:] != keys[:-1]] if keys.size else np.zeros(0, bool)
-    keys, ranks = keys[first], ranks[first]
-    if keys.size == 0:
-        return np.full(cand.shape, absent, dtype=np.int64)
-    want = np.where(cand >= 0, cand.astype(np.int64) * n_queries + np.arange(cand.shape[0])[:, None], -1)  # (Q, K)
-    at = np.minimum(np.searchsorted(keys, want), keys.size - 1)
-    found = (cand >= 0) & (keys[at] == want)
-    return np.where(found, ranks[at], absent)
+TBR_CELLS = 1 << 22  # back-list entries compared at a time (rows x K x Kb): 32 MB of int64
 
 
-def tbr_rerank(fwd: np.ndarray, back: np.ndarray, absent_rank: int = 10000) -> tuple[np.ndarray, np.ndarray]:
+def _back_rank(back: np.ndarray, cand: np.ndarray, query_rows: np.ndarray, absent: int) -> np.ndarray:
+    """b[i, r] = rank of ``query_rows[i]`` in the back list ``back[cand[i, r]]`` (first occurrence), else ``absent``."""
+    if back.shape[1] == 0:
+        return np.full(cand.shape, absent, np.int64)
+    hit = np.asarray(back[np.maximum(cand, 0)]) == query_rows[:, None, None]  # (B, K, Kb)
+    return np.where((cand >= 0) & hit.any(-1), hit.argmax(-1), absent)
+
+
+def tbr_rerank(fwd: np.ndarray, back: np.ndarray, absent_rank: int = 10000, first_row: int = 0,
+               n_queries: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """TBR on forward lists ``fwd`` (Q, K) given the other direction's lists ``back`` (G, Kb).
 
-    fwd[q] holds rows of the other side; back[g] holds query rows (0..Q-1). Returns the
-    re-ranked lists (Q, K) and a bool (Q,) telling which lists were kept as they were
-    because q is first in the back list of its top candidate.
+    fwd[q] holds rows of the other side; back[g] holds query rows. Returns the re-ranked lists
+    (Q, K) and a bool (Q,) telling which lists were kept as they were because q is first in the
+    back list of its top candidate. A block of queries: ``fwd`` holds query rows ``first_row``
+    onwards and ``n_queries`` says how many query rows exist (then ``back``, which may be
+    memory-mapped, is not scanned for rows out of range: the caller made it). Only the back
+    lists of the candidates are read, ``TBR_CELLS`` entries at a time.
     """
-    fwd = np.asarray(fwd)
-    back = np.asarray(back)
+    fwd, back = np.asarray(fwd), np.asarray(back)  # a memory-mapped back stays a view of its file
     Q, K = fwd.shape
     if Q == 0 or K == 0:
         return fwd.copy(), np.ones(Q, bool)
     if fwd.max(initial=-1) >= back.shape[0]:
         raise ValueError(f"forward lists name row {int(fwd.max())}, but only {back.shape[0]} back lists exist")
-    if back.max(initial=-1) >= Q:
-        raise ValueError(f"back lists name query row {int(back.max())}, but only {Q} queries exist")
-    b = _back_rank(back, Q, fwd, int(absent_rank))  # (Q, K)
+    if n_queries is None and back.max(initial=-1) >= first_row + Q:
+        raise ValueError(f"back lists name query row {int(back.max())}, but only {first_row + Q} queries exist")
+    b = np.empty((Q, K), np.int64)
+    step = max(1, TBR_CELLS // (K * max(1, back.shape[1])))
+    for a in range(0, Q, step):
+        rows = np.arange(first_row + a, first_row + min(a + step, Q))
+        b[a:a + step] = _back_rank(back, fwd[a:a + step], rows, int(absent_rank))  # (B, K)
     r = np.arange(K)[None, :]
     key = np.where(fwd >= 0, (r + b) / 2.0, np.inf)  # (Q, K)
     order = np.argsort(key, axis=1, kind="stable")
@@ -308,6 +306,23 @@ def tbr_rerank(fwd: np.ndarray, back: np.ndarray, absent_rank: int = 10000) -> t
 
 
 # ---- the four lists -----------------------------------------------------------------------
+
+def check_sizes(top_k: int, pool: int) -> None:
+    """``rerank.top_k`` and ``rerank.pool`` are >= 1 and top_k <= pool, else a ValueError naming them."""
+    if int(top_k) < 1 or int(pool) < 1:
+        raise ValueError(f"rerank.top_k and rerank.pool must be >= 1, got {top_k!r}, {pool!r}")
+    if int(top_k) > int(pool):
+        raise ValueError(f"params.yaml: rerank.top_k ({top_k}) is larger than rerank.pool ({pool})")
+
+
+def egr_lists(direction: str, image_emb: np.ndarray, cand: np.ndarray, s: np.ndarray, mask_emb: np.ndarray,
+              prompt_emb: np.ndarray, counted: np.ndarray, top_k: int, w: EgrWeights = EgrWeights(),
+              batch_size: int = 1024) -> np.ndarray:
+    """EGR lists (Q, <=top_k) of the pools cand, s (Q, K); the embeddings as :func:`egr_from_embeddings`
+    takes them. Every row depends on its own pool only, so any block of queries gives the same rows."""
+    S_, S1 = egr_from_embeddings(direction, image_emb, cand, s, mask_emb, prompt_emb, counted, w, batch_size)
+    return np.take_along_axis(cand, egr_order(S_, S1, s, cand >= 0), 1)[:, :top_k]
+
 
 def rerank_all(
     t2i_cand: np.ndarray, t2i_s: np.ndarray, i2t_cand: np.ndarray, i2t_s: np.ndarray,
@@ -324,10 +339,7 @@ def rerank_all(
     """
     import time
 
-    if int(top_k) < 1 or int(pool) < 1:
-        raise ValueError(f"rerank.top_k and rerank.pool must be >= 1, got {top_k!r}, {pool!r}")
-    if int(top_k) > int(pool):
-        raise ValueError(f"params.yaml: rerank.top_k ({top_k}) is larger than rerank.pool ({pool})")
+    check_sizes(top_k, pool)
     t = timings if timings is not None else {}
     Nc, Ni = mask_emb.shape[0], image_emb.shape[0]
     if t2i_cand.shape[0] != Nc or i2t_cand.shape[0] != Ni:
@@ -342,8 +354,7 @@ def rerank_all(
     t0 = time.perf_counter()
     counted = slot_mask(n_entities, mask_emb.shape[1], pad)  # (Nc, S)
     for d, cand, s in (("t2i", t2i_cand, t2i_s), ("i2t", i2t_cand, i2t_s)):
-        S_, S1 = egr_from_embeddings(d, image_emb, cand, s, mask_emb, prompt_emb, counted, weights, batch_size)
-        out["egr"][d] = np.take_along_axis(cand, egr_order(S_, S1, s, cand >= 0), 1)[:, :top_k]
+        out["egr"][d] = egr_lists(d, image_emb, cand, s, mask_emb, prompt_emb, counted, top_k, weights, batch_size)
     t["egr_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,17 @@ def write_pool(path: str | os.PathLike, query_ids: list[str], item_ids: list[str
     return write_parquet(table, path, dict(provenance))
 
 
-def read_pool(path: str | os.PathLike, query_ids: list[str], item_ids: list[str],
-              query_file: str, item_file: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(cand (Q, K) int64 rows into ``item_ids`` with -1 padding, scores (Q, K) float32, provenance).
+POOL_BLOCK = 4096  # pool rows read at a time
+# read the parquet pages as the batches need them: by default pyarrow reads a whole row group (a
+# whole pool file, as write_parquet writes it: 0.6 GB at 400k x 128) before the first batch
+POOL_READ = {"pre_buffer": False, "buffer_size": 1 << 20}
 
-    Rows follow ``query_ids``; ids of the pool file that these lists lack are an error
-    naming the pool file and the file the lists come from.
+
+def open_pool(path: str | os.PathLike, query_ids: list[str], query_file: str) -> tuple[np.ndarray, dict]:
+    """(rows (Q,): the row of ``query_ids`` that each row of the pool file holds, provenance).
+
+    Reads only the ``query_id`` column; ids of the pool file that ``query_ids`` lack (or the
+    reverse) are an error naming the pool file and ``query_file``.
     """
     import pyarrow.parquet as pq
 
@@ -57,27 +62,74 @@ def read_pool(path: str | os.PathLike, query_ids: list[str], item_ids: list[str]
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: not found; it is written by the `retrieve` stage")
-    t = pq.read_table(p)
-    qids = [str(x) for x in t.column("query_id").to_pylist()]
-    rows = match_ids(query_ids, qids, query_file, p, "query")
+    qids = [str(x) for x in pq.read_table(p, columns=["query_id"]).column("query_id").to_pylist()]
+    if qids == query_ids:  # the order retrieve writes: no id -> row map (Q entries) needed
+        return np.arange(len(qids), dtype=np.int64), read_parquet_provenance(p)
+    rows = match_ids(query_ids, qids, query_file, p, "query")  # file row of each wanted query
     if len(qids) != len(query_ids):
         extra = sorted(set(qids) - set(query_ids))[:5]
         raise IdMismatchError(f"{p} has {len(qids)} queries, {query_file} {len(query_ids)} (e.g. extra {extra})")
-    lists = t.column("item_ids").to_pylist()
-    scores = t.column("scores").to_pylist()
+    out_rows = np.empty(len(rows), np.int64)
+    out_rows[rows] = np.arange(len(rows))
+    return out_rows, read_parquet_provenance(p)
+
+
+def iter_pool(path: str | os.PathLike, out_rows: np.ndarray, query_ids: list[str], item_pos: Mapping[str, int],
+              item_file: str, block: int = POOL_BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(rows (B,), cand (B, K), scores (B, K))`` per block of a pool file's rows, in file order.
+
+    ``out_rows`` from :func:`open_pool`; rows index ``query_ids``; cand holds rows of the items
+    (``item_pos``: id -> row) with -1 padding, scores float32 with -inf padding, K the block's
+    longest list. Only a block of the file is in memory at a time. An item id missing from
+    ``item_pos`` is an error naming the query and ``item_file``.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.retrieval.data import IdMismatchError
+
+    p = Path(path)
+    start = 0
+    for batch in pq.ParquetFile(p, **POOL_READ).iter_batches(batch_size=block, columns=["item_ids", "scores"],
+                                                             use_threads=False):
+        lists = batch.column("item_ids")
+        n = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+        flat = lists.flatten().to_pylist()
+        idx = list(map(item_pos.get, flat))  # None: an id the items lack
+        if None in idx:
+            r = int(np.searchsorted(np.cumsum(n), idx.index(None), side="right"))
+            items = flat[int(n[:r].sum()):int(n[:r + 1].sum())]
+            bad = [i for i in items if i not in item_pos]
+            raise IdMismatchError(f"{p}: query {query_ids[out_rows[start + r]]!r} lists ids missing from {item_file} "
+                                  f"(e.g. {bad[:5]}); the embeddings changed since `retrieve` ran: rerun it")
+        B = len(n)
+        cand = np.full((B, int(n.max(initial=0))), -1, np.int64)
+        sc = np.full(cand.shape, -np.inf, np.float32)
+        row = np.repeat(np.arange(B), n)
+        col = np.arange(row.size) - np.repeat(np.cumsum(n) - n, n)  # position within its list
+        cand[row, col] = idx
+        sc[row, col] = batch.column("scores").flatten().to_numpy(zero_copy_only=False)
+        yield out_rows[start:start + B], cand, sc
+        start += B
+
+
+def read_pool(path: str | os.PathLike, query_ids: list[str], item_ids: list[str],
+              query_file: str, item_file: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(cand (Q, K) int64 rows into ``item_ids`` with -1 padding, scores (Q, K) float32, provenance).
+
+    Rows follow ``query_ids``; ids of the pool file that these lists lack are an error
+    naming the pool file and the file the lists come from. The whole pool in memory: the
+    ``rerank`` stage reads it a block at a time (:func:`open_pool`, :func:`iter_pool`).
+    """
+    out_rows, prov = open_pool(path, query_ids, query_file)
     pos = {k: i for i, k in enumerate(item_ids)}
-    K = max((len(x) for x in lists), default=0)
+    blocks = list(iter_pool(path, out_rows, query_ids, pos, item_file))
+    K = max((c.shape[1] for _, c, _ in blocks), default=0)
     cand = np.full((len(query_ids), K), -1, np.int64)
     sc = np.full((len(query_ids), K), -np.inf, np.float32)
-    for out_row, r in enumerate(rows):
-        items = lists[r]
-        bad = [i for i in items if i not in pos]
-        if bad:
-            raise IdMismatchError(f"{p}: query {qids[r]!r} lists ids missing from {item_file} (e.g. {bad[:5]}); "
-                                  "the embeddings changed since `retrieve` ran: rerun it")
-        cand[out_row, :len(items)] = [pos[i] for i in items]
-        sc[out_row, :len(items)] = scores[r]
-    return cand, sc, read_parquet_provenance(p)
+    for rows, c, s in blocks:
+        cand[rows, :c.shape[1]], sc[rows, :s.shape[1]] = c, s
+    return cand, sc, prov
 
 
 def _index(gallery: np.ndarray, params: Mapping[str, Any]) -> VectorIndex:
