@@ -47,6 +47,8 @@ TABLE_ROWS = list(ROWS)
 for _n in (1, 2):
     for _lr in (3e-4, 1e-3):
         ROWS[f"+ tune_top {_n}, lr_encoder {_lr:g}"] = {**ROWS[f"+ tune_top {_n}"], "train.lr_encoder": _lr}
+# the text cache stored as float32 against the float16 default (both read back as float32)
+ROWS["+ tune_top 1, text float32"] = {**ROWS["+ tune_top 1"], "text.dtype": "float32"}
 
 
 def set_key(tree: dict, dotted: str, value) -> None:
@@ -93,7 +95,9 @@ def run(root: Path, *stage: str, log: Path) -> None:
     env = {**os.environ, "PIPELINE_ROOT": str(root), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     with open(log, "a") as f:
-        p = subprocess.run([sys.executable, "-m", *stage, DATASET], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # cwd is the scratch project: from REPO, DVCLive would find REPO's .dvc and write its
+        # step signal file into REPO/.dvc/tmp/exps/run
+        p = subprocess.run([sys.executable, "-m", *stage, DATASET], cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(stage)} failed in {root}; see {log}")
 
