@@ -20,7 +20,7 @@ from tests.test_mner_model import TYPES, synth, tag_index
 torch.set_num_threads(1)
 
 
-def _cache(tmp_path, n=90):
+def _cache(tmp_path, n=90, dtype="float32"):
     """Samples of three splits (contiguous, as prepare writes them) and a real text cache with
     sub-word states, in small row groups."""
     samples, mem, patches, regions = synth(n, 0)
@@ -31,7 +31,8 @@ def _cache(tmp_path, n=90):
         first = np.sort(rng.choice(np.arange(len(f) + 3), size=len(f), replace=False)).astype(np.int32)
         rows.append({"sample_id": s.sample_id, "n_words": len(s.tokens), "feats": f,
                      "states": rng.normal(size=(len(f) + 3, f.shape[2])).astype(np.float32), "first": first})
-    write_text_features(tmp_path / "text", rows, mem.type_prompts, {"test": "flat"}, row_group_bytes=2048)
+    write_text_features(tmp_path / "text", rows, mem.type_prompts, {"test": "flat"}, row_group_bytes=2048,
+                        dtype=dtype)
     split = ["train"] * (n // 2) + ["valid"] * (n // 4) + ["test"] * (n - n // 2 - n // 4)
     pq.write_table(pa.table({"sample_id": [s.sample_id for s in samples], "image_id": [s.image_id for s in samples],
                              "split": split, "tokens": [s.tokens for s in samples], "tags": [s.tags for s in samples]}),
@@ -39,8 +40,9 @@ def _cache(tmp_path, n=90):
     return samples, split, TextFeatures(tmp_path / "text", cache_bytes=4096), patches, regions
 
 
-def test_flat_copy_returns_what_the_cache_returns(tmp_path):
-    samples, split, text, _, _ = _cache(tmp_path)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_flat_copy_returns_what_the_cache_returns(tmp_path, dtype):
+    samples, split, text, _, _ = _cache(tmp_path, dtype=dtype)
     ids = [s.sample_id for s, sp in zip(samples, split) if sp == "valid"]
     flat = FlatText(text, ids, states=True)
     for sid in ids:
@@ -48,7 +50,9 @@ def test_flat_copy_returns_what_the_cache_returns(tmp_path):
         assert got.dtype == want.dtype == np.float32 and np.array_equal(got, want) and got.flags.writeable
         for a, b in zip(flat.states(sid), text.states(sid)):
             assert a.dtype == b.dtype and np.array_equal(a, b)
-    assert flat.nbytes == text.nbytes(ids, states=True) + 4 * sum(len(text.states(s)[1]) for s in ids)  # + first
+    # float values kept in the stored precision (float16: half), plus the int32 first positions
+    width = 2 if dtype == "float16" else 4
+    assert flat.nbytes == text.nbytes(ids, states=True) * width // 4 + 4 * sum(len(text.states(s)[1]) for s in ids)
     assert flat.type_prompts is text.type_prompts and flat.n_words(ids[0]) == text.n_words(ids[0])
     with pytest.raises(KeyError, match="not in this flat copy"):
         flat.get(samples[0].sample_id)  # a train sample: not copied

@@ -5,7 +5,8 @@ file order that happens once per row group; in shuffled order (a training epoch 
 larger than the item cache) nearly once per row: on WNUT-17 train (536 MiB of items) an epoch
 spent 24-27 s reading, about a third of its time. :class:`FlatRows` copies the rows wanted
 once, in file order, decoding only the row groups that hold them, into uncompressed files in
-a scratch directory (one per array column), and then serves a row with one ``os.pread``. The
+a scratch directory (one per array column, in the stored precision: a float16 cache stays
+half size), and then serves a row with one ``os.pread``. The
 bytes sit in the operating system's page cache, not in the process, so memory stays flat;
 the values are exactly those the table returns (verified against its digests as they are
 copied). The directory is removed by :meth:`FlatRows.close`, when the object is collected,
@@ -41,7 +42,7 @@ class FlatRows:
         self._finalizer = weakref.finalize(self, _remove, self.dir, self._fds)
         self._offsets: dict[str, np.ndarray] = {}  # (R + 1,) byte offsets in the column's file
         self._shapes: dict[str, np.ndarray] = {}   # (R, ndim)
-        self._dtypes: dict[str, np.dtype] = {}
+        self._dtypes: dict[str, tuple[np.dtype, np.dtype]] = {}  # (stored, returned)
         groups = table.groups_of(self.rows)
         for name in names:
             self._copy(table, name, groups)
@@ -49,14 +50,14 @@ class FlatRows:
     def _copy(self, table: Any, name: str, groups: np.ndarray) -> None:
         offsets = np.zeros(self.rows.size + 1, dtype=np.int64)
         shapes: np.ndarray | None = None
-        dtype = table.value_dtype(name)
+        stored, out = table.stored_dtype(name), table.value_dtype(name)  # e.g. float16 kept, float32 returned
         file = self.dir / f"{name}.bin"
         with open(file, "wb") as f:
             for start, values, offs, shp in table.iter_groups(name, groups):
                 lo, hi = np.searchsorted(self.rows, [start, start + len(shp)])
                 if shapes is None:
                     shapes = np.zeros((self.rows.size, shp.shape[1]), dtype=np.int64)
-                dtype = values.dtype
+                values = values.astype(stored, copy=False)  # back to the stored precision: exact
                 for j in range(int(lo), int(hi)):
                     r = int(self.rows[j]) - start
                     piece = values[offs[r]:offs[r + 1]]
@@ -65,7 +66,7 @@ class FlatRows:
                     shapes[j] = shp[r]
         self._offsets[name] = offsets
         self._shapes[name] = shapes if shapes is not None else np.zeros((0, 1), np.int64)
-        self._dtypes[name] = np.dtype(dtype)
+        self._dtypes[name] = (np.dtype(stored), np.dtype(out))
         self._fds[name] = os.open(file, os.O_RDONLY)
 
     @property
@@ -82,7 +83,9 @@ class FlatRows:
         buf = bytearray(b - a)
         if b > a and os.preadv(self._fds[name], [buf], a) != b - a:
             raise OSError(f"{self.dir / (name + '.bin')}: short read of row {row}")
-        return np.frombuffer(buf, dtype=self._dtypes[name]).reshape(tuple(self._shapes[name][j]))
+        stored, out = self._dtypes[name]
+        a = np.frombuffer(buf, dtype=stored).reshape(tuple(self._shapes[name][j]))
+        return a if stored == out else a.astype(out)
 
     def close(self) -> None:
         """Close the files and remove the scratch directory."""

@@ -602,6 +602,10 @@ class FeatureTable:
         t = self._pf.schema_arrow.field(name).type.value_type
         return np.dtype(np.float32) if pa.types.is_floating(t) else np.dtype(t.to_pandas_dtype())
 
+    def stored_dtype(self, name: str) -> np.dtype:
+        """dtype the values of array column ``name`` are stored in (float16 or float32 for floats)."""
+        return np.dtype(self._pf.schema_arrow.field(name).type.value_type.to_pandas_dtype())
+
     def values(self, name: str) -> np.ndarray:
         """All values of array column ``name``, flattened (reads the whole column)."""
         parts = [v for _, v, _, _ in self.iter_groups(name)]
