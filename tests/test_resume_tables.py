@@ -3,7 +3,9 @@
 byte-identical to an uninterrupted run's."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,3 +200,50 @@ def test_dvc_ignores_the_parts_dir():
     ignored = out.stdout.split()
     assert "features/ds/.text.parts/0123/part-00000/x" in ignored and "features/ds/.captions.parts/ab/y" in ignored
     assert "features/ds/text/words.parquet" not in ignored
+
+
+def _two_done_parts(project, monkeypatch):
+    """A run killed in its third chunk: parts 0 and 1 done. Returns (ref files, out, fingerprint dir)."""
+    run_text(monkeypatch, project / "ref")
+    out = project / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_text(monkeypatch, out, kill_at=3)
+    return files(project / "ref", TEXT_FILES), out, next(parts_root(out).iterdir())
+
+
+def test_a_part_holding_another_chunks_tables_is_computed_again(project, monkeypatch):
+    want, out, fp = _two_done_parts(project, monkeypatch)
+    for name in TEXT_FILES:  # part 1 gets part 0's tables (its own done.json stays)
+        (fp / "part-00001" / name).write_bytes((fp / "part-00000" / name).read_bytes())
+    again, k = run_text(monkeypatch, out)
+    assert k.calls == 2 and again["parts_resumed"] == 1
+    assert again["parts_failed_verification"] == {"part-00001": "its tables come from another part or run"}
+    assert files(out, TEXT_FILES) == want
+
+
+@pytest.mark.parametrize("damage", ["no stats", "stats not a dict", "counts off", "not json"])
+def test_a_done_json_that_does_not_fit_its_part_is_computed_again(project, monkeypatch, damage):
+    want, out, fp = _two_done_parts(project, monkeypatch)
+    done = fp / "part-00000" / DONE_FILE
+    meta = json.loads(done.read_text())
+    if damage == "no stats":
+        del meta["stats"]
+    elif damage == "stats not a dict":
+        meta["stats"] = "abc"
+    elif damage == "counts off":
+        meta["stats"]["n_words"] = [99] * len(meta["stats"]["n_words"])
+    done.write_text("{" if damage == "not json" else json.dumps(meta))
+    again, k = run_text(monkeypatch, out)
+    assert k.calls == 2 and again["parts_resumed"] == 1 and list(again["parts_failed_verification"]) == ["part-00000"]
+    assert files(out, TEXT_FILES) == want and again["words_truncated"] == 0
+
+
+def test_files_in_the_way_of_the_parts_are_removed(project, monkeypatch):
+    want, out, fp = _two_done_parts(project, monkeypatch)
+    shutil.rmtree(fp / "part-00001")
+    (fp / "part-00001").write_text("not a dir")
+    again, k = run_text(monkeypatch, out)
+    assert k.calls == 2 and files(out, TEXT_FILES) == want
+    parts_root(out).write_text("not a dir either")
+    again, k = run_text(monkeypatch, out)
+    assert k.calls == 3 and files(out, TEXT_FILES) == want and not parts_root(out).exists()

@@ -79,11 +79,24 @@ def _encode_chunk(bundle: Any, c: Mapping[str, list], writers: Sequence[Any], pr
             "splits": dict(Counter(c["split"]))}
 
 
-def _verify_part(part_dir: Path) -> None:
-    """A done part must open as a caption cache and every row group must match its digest."""
+def _verify_part(part_dir: Path, provenance: dict, ids: list, stats: dict) -> None:
+    """A done part must be this chunk's caption cache: its provenance, exactly the chunk's ids,
+    the counts of its ``done.json``, and every row group matching its digest."""
     from pipeline.stores.tables import CaptionFeatures, TableError
 
-    problems = CaptionFeatures(part_dir).table.verify_all()
+    c = CaptionFeatures(part_dir)
+    if c.provenance != provenance:
+        raise ValueError("its table comes from another part or run")
+    if c.caption_ids != ids:
+        raise ValueError("its table holds other captions than the chunk")
+    counts = ("cut", "not_found", "encoded", "kept", "no_entities")
+    splits, too_long = stats.get("splits"), stats.get("too_long", "missing")
+    if (not all(isinstance(stats.get(k), int) and stats[k] >= 0 for k in counts)
+            or stats["kept"] != int(c.n_entities.sum()) or stats["no_entities"] != int((c.n_entities == 0).sum())
+            or not (too_long is None or isinstance(too_long, int))
+            or not isinstance(splits, dict) or sum(v for v in splits.values() if isinstance(v, int)) != len(ids)):
+        raise ValueError("the counts in its done.json do not match its table")
+    problems = c.table.verify_all()
     if problems:
         raise TableError("; ".join(problems))
 
@@ -144,7 +157,7 @@ def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.
             progress_bar(total=n, desc=f"captions {dataset}", unit="caption", mininterval=1.0) as bar:
         for k, c in enumerate(manifest_chunks(captions, cols, rows=chunk)):
             chunk_sha = fingerprint_stream(zip(c["caption_id"], c["text"], [list(e or []) for e in c["entities"]]))
-            stats = parts.load(k, chunk_sha)
+            stats = parts.load(k, chunk_sha, c["caption_id"])
             if stats is not None:
                 done = CaptionFeatures(parts.path(k))
                 writer.add(done.caption_ids, done.emb, done.prompt_emb, done.mask_emb, done.n_entities)

@@ -53,11 +53,22 @@ def _encode_chunk(enc: Any, sample_ids: Sequence[str], tokens: Sequence[Sequence
     return stats
 
 
-def _verify_part(part_dir: Path) -> None:
-    """A done part must open as a text cache and every row group must match its digest."""
+def _verify_part(part_dir: Path, provenance: dict, ids: list, stats: dict) -> None:
+    """A done part must be this chunk's text cache: its provenance, exactly the chunk's ids, the
+    counts of its ``done.json``, and every row group matching its digest."""
     from pipeline.stores.tables import TableError, TextFeatures
 
     t = TextFeatures(part_dir)
+    if t.provenance != provenance:
+        raise ValueError("its tables come from another part or run")
+    if t.sample_ids != ids:
+        raise ValueError("its tables hold other samples than the chunk")
+    subwords = int(t.states_table.shapes("states")[:, 0].sum()) if t.states_table is not None else 0
+    empty = stats.get("empty_words")
+    if (stats.get("n_words") != [t.n_words(s) for s in ids] or stats.get("n_kept") != [t.n_kept(s) for s in ids]
+            or stats.get("subwords") != subwords or not isinstance(empty, list) or len(empty) != len(ids)
+            or not all(isinstance(e, int) and 0 <= e <= n for e, n in zip(empty, stats["n_words"]))):
+        raise ValueError("the counts in its done.json do not match its tables")
     problems = t.table.verify_all() + (t.states_table.verify_all() if t.states_table is not None else [])
     if problems:
         raise TableError("; ".join(problems))
@@ -147,7 +158,7 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
             progress_bar(total=n_samples, desc=f"text {dataset}", unit="sample", mininterval=1.0) as bar:
         for k, c in enumerate(manifest_chunks(samples, ["sample_id", "tokens"], rows=chunk)):
             chunk_sha = fingerprint_stream(zip(c["sample_id"], c["tokens"]))
-            stats = parts.load(k, chunk_sha)
+            stats = parts.load(k, chunk_sha, c["sample_id"])
             if stats is not None:
                 _replay_part(parts.path(k), writer)
                 bar.update(len(c["sample_id"]))

@@ -39,24 +39,41 @@ def parts_root(out_dir: str | Path) -> Path:
     return out.parent / f".{out.name}{PARTS_SUFFIX}"
 
 
+Verify = Callable[[Path, dict, list, dict], None]
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 class ChunkParts:
     """The parts of one run (``fingerprint``) of a stage writing ``out_dir``.
 
-    ``verify(part_dir)`` raises if a done part cannot be trusted (e.g. a digest mismatch).
+    ``verify(part_dir, provenance, ids, stats)`` raises if a done part cannot be trusted: its
+    tables must carry ``provenance`` (this part of this run), hold exactly the chunk's ``ids``
+    in order, agree with the counts ``stats`` of its ``done.json`` and match their digests.
     ``resumed`` counts the parts reused, ``failed`` maps a part's name to why it was redone.
     """
 
-    def __init__(self, out_dir: str | Path, fingerprint: str, verify: Callable[[Path], None]) -> None:
+    def __init__(self, out_dir: str | Path, fingerprint: str, verify: Verify) -> None:
         self.root = parts_root(out_dir)
         self.dir = self.root / fingerprint[:16]
         self.fingerprint = fingerprint
         self._verify = verify
         self.resumed = 0
         self.failed: dict[str, str] = {}
-        if self.root.is_dir():
+        if not self.root.is_dir():
+            _remove(self.root)  # a stray file in the way
+        else:
             for p in self.root.iterdir():
                 if p != self.dir:  # another run's parts: they can never be used
-                    shutil.rmtree(p, ignore_errors=True)
+                    _remove(p)
+        if self.dir.exists() and not self.dir.is_dir():
+            _remove(self.dir)
 
     def path(self, k: int) -> Path:
         return self.dir / f"part-{k:05d}"
@@ -65,27 +82,31 @@ class ChunkParts:
         """What a part's tables carry as provenance (the final files carry the stage's own)."""
         return {"part_of": self.fingerprint, "chunk": k, "chunk_sha": chunk_sha}
 
-    def load(self, k: int, chunk_sha: str) -> dict[str, Any] | None:
-        """The counts stored with chunk ``k`` if its part is done for this input and verifies, else None
-        (the part, if any, is removed so it can be written again)."""
+    def load(self, k: int, chunk_sha: str, ids: list) -> dict[str, Any] | None:
+        """The counts stored with chunk ``k`` (ids ``ids``) if its part is done for this input and
+        verifies, else None (the part, if any, is removed so it can be written again)."""
         p = self.path(k)
         done = p / DONE_FILE
         if not done.is_file():
-            shutil.rmtree(p, ignore_errors=True)  # never started, or killed while writing
+            _remove(p)  # never started, or killed while writing
             return None
         try:
             meta = json.loads(done.read_text(encoding="utf-8"))
-            if meta.get("provenance") != self.provenance(k, chunk_sha):
+            want = self.provenance(k, chunk_sha)
+            if not isinstance(meta, dict) or meta.get("provenance") != want:
                 raise ValueError("it was made from other input rows")
-            self._verify(p)
+            stats = meta.get("stats")
+            if not isinstance(stats, dict):
+                raise ValueError(f"{DONE_FILE} holds no counts")
+            self._verify(p, want, list(ids), stats)
         except Exception as e:  # noqa: BLE001 - any doubt means: compute the chunk again
             why = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
             self.failed[p.name] = why
             print(f"resume: {p} cannot be reused ({why}); computing it again", file=sys.stderr)
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
             return None
         self.resumed += 1
-        return dict(meta["stats"])
+        return dict(stats)
 
     def mark_done(self, k: int, chunk_sha: str, stats: dict[str, Any]) -> None:
         """Record chunk ``k`` as done (after its tables are closed): written last, atomically."""
@@ -93,7 +114,7 @@ class ChunkParts:
 
     def clear(self) -> None:
         """Delete every part (the final files are in place)."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        _remove(self.root)
 
     def report(self) -> dict[str, Any]:
         return {"parts_resumed": self.resumed, "parts_failed_verification": dict(self.failed)}
