@@ -80,19 +80,22 @@ def sigterm_raises() -> Iterator[None]:
     """While inside, SIGTERM raises ``Terminated`` (main thread, default SIGTERM action only); restored after.
 
     The handler restores the previous action before raising, so a second SIGTERM is not
-    swallowed by cleanup that hangs. Elsewhere (a thread, an ignored or custom SIGTERM) nothing
+    swallowed by cleanup that hangs. A SIGTERM whose exception Python dropped (it arrived
+    inside a finalizer) still ends the block with ``Terminated``. Elsewhere (a thread, an ignored or custom SIGTERM) nothing
     changes; a forked child (a DataLoader worker) that inherits the handler dies as by default.
     """
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
     pid = os.getpid()
+    received: list[int] = []
 
     def handler(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if os.getpid() != pid:  # a forked child: the default action, as before
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        received.append(signum)
         raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, handler)
@@ -100,6 +103,8 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if received:  # raised where Python drops exceptions (a finalizer, __del__): still a termination
+        raise Terminated(received[0])
 
 
 def run_stage(stage: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:

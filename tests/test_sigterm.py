@@ -137,3 +137,37 @@ def test_the_previous_handler_is_restored_and_a_custom_one_is_left_alone():
 @pytest.mark.parametrize("code", [0, 3])
 def test_the_exit_status_of_main_is_unchanged(code):
     assert run_stage("fake", lambda argv: code, ["ds"]) == code
+
+
+IN_FINALIZER = textwrap.dedent('''
+    import gc, os, time, weakref
+    from pipeline.cli import run_stage
+
+    class Copy:
+        pass
+
+    def remove():  # a slow cleanup, like deleting a large scratch copy
+        os.write(1, b"cleaning\\n")
+        time.sleep(3)
+
+    def main(argv):
+        c = Copy()
+        weakref.finalize(c, remove)
+        del c
+        gc.collect()  # the finalizer runs here; Python drops an exception raised inside it
+        os.write(1, b"main finished\\n")
+
+    if __name__ == "__main__":
+        raise SystemExit(run_stage("fake", main))
+''')
+
+
+def test_a_sigterm_during_a_finalizer_still_terminates(tmp_path):
+    script = tmp_path / "finalizer_stage.py"
+    script.write_text(IN_FINALIZER)
+    p = subprocess.Popen([sys.executable, str(script), "ds"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "cleaning\n"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == TERMINATED and "fake@ds: terminated (SIGTERM)" in err, err
