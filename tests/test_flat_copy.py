@@ -3,6 +3,11 @@ the same values and batches, only the row groups that hold it decoded, and the c
 from __future__ import annotations
 
 import gc
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +23,7 @@ from tests.test_bounded_cache import _batches, _dataset
 from tests.test_mner_model import TYPES, synth, tag_index
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cache(tmp_path, n=90, dtype="float32"):
@@ -104,3 +110,43 @@ def test_bounded_dataset_on_a_flat_copy_matches_the_in_memory_features(tmp_path)
     a = _batches(_dataset((samples, mem, patches, regions), cache_bytes=1 << 40), collate_fn)
     b = _batches(_dataset((samples, flat, patches, regions), cache_bytes=2048), collate_fn)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x) and len(a) == len(b)
+
+
+def test_copies_left_by_killed_processes_are_removed(tmp_path):
+    samples, split, text, _, _ = _cache(tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / "scratch" / f"pipeline-flat-{int(gone.stdout)}-abc"  # its process has exited
+    mine = tmp_path / "scratch" / f"pipeline-flat-{os.getpid()}-def"     # a live process's copy
+    for d in (dead, mine):
+        d.mkdir(parents=True)
+        (d / "feats.bin").write_bytes(b"x" * 10)
+    flat = FlatText(text, [samples[0].sample_id], scratch=tmp_path / "scratch")
+    assert not dead.exists() and mine.exists() and flat._words.dir.name.startswith(f"pipeline-flat-{os.getpid()}-")
+
+
+NO_ROOM = """
+import resource, signal, sys
+from pipeline.cli import run_stage
+from pipeline.stores.flat import FlatText
+from pipeline.stores.tables import TextFeatures
+
+def main(argv):
+    text = TextFeatures(sys.argv[2])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    FlatText(text, text.sample_ids, scratch=sys.argv[3])
+
+raise SystemExit(run_stage("train", main, ["ds"]))
+"""
+
+
+def test_no_room_for_the_copy_is_one_clear_line_and_leaves_nothing(tmp_path):
+    _cache(tmp_path)
+    (tmp_path / "scratch").mkdir()
+    p = subprocess.run([sys.executable, "-c", NO_ROOM, "ds", str(tmp_path / "text"), str(tmp_path / "scratch")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 2, p.stderr
+    assert re.fullmatch(rf"train@ds: {tmp_path}/scratch/pipeline-flat-\d+-\w+: cannot write the flat copy of "
+                        rf"{tmp_path}/text/words.parquet \(\d+ MiB\): File too large; free space there or set "
+                        rf"TMPDIR to a disk with room\n", p.stderr), p.stderr
+    assert list((tmp_path / "scratch").iterdir()) == []

@@ -23,29 +23,65 @@ from typing import Any
 
 import numpy as np
 
-SCRATCH_PREFIX = "pipeline-flat-"
+SCRATCH_PREFIX = "pipeline-flat-"  # then the owner's pid: pipeline-flat-<pid>-<random>
+
+
+class FlatCopyError(RuntimeError):
+    """The flat copy cannot be written (no space, no permission): names the directory and the size."""
+
+
+def remove_stale_copies(parent: Path) -> int:
+    """Delete the copies under ``parent`` whose process is gone (a SIGKILL leaves them); how many."""
+    import shutil
+
+    n = 0
+    for d in parent.glob(f"{SCRATCH_PREFIX}*-*") if parent.is_dir() else []:
+        pid = d.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+        except PermissionError:  # alive, someone else's
+            pass
+    return n
 
 
 class FlatRows:
     """Rows ``rows`` of the array columns ``names`` of a :class:`~pipeline.stores.tables.FeatureTable`.
 
     ``array(name, row)`` takes a row number of the table (one of ``rows``). ``scratch``: the
-    parent of the temporary directory (default ``$TMPDIR``); it needs the rows' float32 size.
+    parent of the temporary directory (default ``$TMPDIR``); it needs the rows' size at the
+    table's stored precision. Copies that killed processes left there are removed first.
     """
 
     def __init__(self, table: Any, rows: Sequence[int] | np.ndarray, names: Sequence[str],
                  scratch: str | os.PathLike | None = None) -> None:
         self.path = table.path
         self.rows = np.unique(np.asarray(rows, dtype=np.int64))  # (R,) sorted table rows
-        self.dir = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=scratch))
+        parent = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
+        remove_stale_copies(parent)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
         self._fds: dict[str, int] = {}
         self._finalizer = weakref.finalize(self, _remove, self.dir, self._fds)
         self._offsets: dict[str, np.ndarray] = {}  # (R + 1,) byte offsets in the column's file
         self._shapes: dict[str, np.ndarray] = {}   # (R, ndim)
         self._dtypes: dict[str, tuple[np.dtype, np.dtype]] = {}  # (stored, returned)
-        groups = table.groups_of(self.rows)
-        for name in names:
-            self._copy(table, name, groups)
+        try:
+            groups = table.groups_of(self.rows)
+            for name in names:
+                self._copy(table, name, groups)
+        except OSError as e:
+            need = sum(int(np.prod(table.shapes(n)[self.rows], axis=1).sum()) * table.stored_dtype(n).itemsize
+                       for n in names)
+            self.close()
+            raise FlatCopyError(f"{self.dir}: cannot write the flat copy of {self.path} ({need / 2**20:.0f} MiB): "
+                                f"{e.strerror or e}; free space there or set TMPDIR to a disk with room") from e
+        except BaseException:
+            self.close()
+            raise
 
     def _copy(self, table: Any, name: str, groups: np.ndarray) -> None:
         offsets = np.zeros(self.rows.size + 1, dtype=np.int64)
