@@ -112,3 +112,24 @@ def test_tbr_on_blocks_of_queries_equals_one_call():
             key = [(r + (list(back[c]).index(q) if c >= 0 and q in back[c] else 99)) / 2 if c >= 0 else np.inf
                    for r, c in enumerate(row)]
             assert whole[q].tolist() == [row[i] for i in np.argsort(key, kind="stable")]
+
+
+def test_a_failure_half_way_leaves_the_previous_predictions_whole(tmp_path, small_blocks):
+    make_project(tmp_path)
+    mem = load_retrieval_set("toy", root=tmp_path)
+    pools = tmp_path / "pools"
+    run_retrieve(mem, RETRIEVE, pools, {"embeddings_fingerprint": mem.fingerprint()})
+    params = {"top_k": 5, "pool": 20, "egr": {"pad": "agree", **EGR}, "tbr": {"absent_rank": 10000}}
+    types = load_id_types(tmp_path / "data/prepared/toy/meta.json")
+    out = tmp_path / "predictions" / "retrieval"
+    run_rerank(mem, pools, params, types, out, {"stage": "rerank", "run": 1})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    t = pq.read_table(pools / "i2t.parquet")  # one image query left without candidates: its file cannot be written
+    ids, sc = t.column("item_ids").to_pylist(), t.column("scores").to_pylist()
+    ids[3], sc[3] = [], []
+    t = t.set_column(1, "item_ids", [ids]).set_column(2, "scores", [sc]).cast(pq.read_schema(pools / "i2t.parquet"))
+    write_parquet(t, pools / "i2t.parquet", read_parquet_provenance(pools / "i2t.parquet"))
+    with pytest.raises(ValueError, match="no candidates"):
+        run_rerank(mem, pools, params, types, out, {"stage": "rerank", "run": 2})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # texts_* were written first, then it failed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval"]  # no temp dir left

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import atomic_path, write_json
 from pipeline.retrieval.agree_io import prediction_id_types, write_predictions
 from pipeline.retrieval.data import RetrievalSet
 from pipeline.retrieval.index import release_pages
@@ -109,28 +109,31 @@ def run_rerank(rs: RetrievalSet, pool_dir: str | os.PathLike, params: Mapping[st
         del pos
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    types = prediction_id_types(id_types)
-    changed: dict[str, Any] = {}
-    for method in METHODS:
-        for d in DIRECTIONS:
-            qids, items = sides[d][:2]
-            if method != "plain":  # how many lists the method reordered or changed
-                changed[f"{d}_{method}"] = 0
+    # the whole dir is written under a temp name and swapped in: an error half way leaves the
+    # previous predictions, not a mix of old and new files that looks complete
+    with atomic_path(Path(out_dir)) as out:
+        out.mkdir(parents=True)
+        types = prediction_id_types(id_types)
+        changed: dict[str, Any] = {}
+        for method in METHODS:
+            for d in DIRECTIONS:
+                qids, items = sides[d][:2]
+                if method != "plain":  # how many lists the method reordered or changed
+                    changed[f"{d}_{method}"] = 0
 
-            def lines(method: str = method, d: str = d) -> Iterator[tuple[str, list[str]]]:
-                for a, arr in _method_blocks(method, d, lists, absent, block, timings):
-                    if method != "plain":
-                        changed[f"{d}_{method}"] += int((arr != lists["plain"][d][a:a + len(arr)]).any(1).sum())
-                    yield from ((q, [items[i] for i in row if i >= 0]) for q, row in zip(qids[a:a + len(arr)],
-                                                                                         arr.tolist()))
+                def lines(method: str = method, d: str = d) -> Iterator[tuple[str, list[str]]]:
+                    for a, arr in _method_blocks(method, d, lists, absent, block, timings):
+                        if method != "plain":
+                            plain = lists["plain"][d][a:a + len(arr)]
+                            changed[f"{d}_{method}"] += int((arr != plain).any(1).sum())
+                        yield from ((q, [items[i] for i in row if i >= 0]) for q, row in zip(qids[a:a + len(arr)],
+                                                                                             arr.tolist()))
 
-            write_predictions(prediction_path(out, d, method), d, lines(), types[f"{d}_query"], types[f"{d}_item"])
-    write_json(out / "provenance.json", {**dict(provenance),
-                                         "pool_provenance": {d: opened[d][1] for d in DIRECTIONS},
-                                         "lists_changed_vs_plain": changed, "top_k": top_k, "pool": pool,
-                                         "prediction_id_types": types})
+                write_predictions(prediction_path(out, d, method), d, lines(), types[f"{d}_query"], types[f"{d}_item"])
+        write_json(out / "provenance.json", {**dict(provenance),
+                                             "pool_provenance": {d: opened[d][1] for d in DIRECTIONS},
+                                             "lists_changed_vs_plain": changed, "top_k": top_k, "pool": pool,
+                                             "prediction_id_types": types})
     write_s = time.perf_counter() - t0 - timings["tbr_s"]
     return {"load_s": round(timings["load_s"], 4), "egr_s": round(timings["egr_s"], 4),
             "tbr_s": round(timings["tbr_s"], 4), "write_s": round(write_s, 4), "lists_changed_vs_plain": changed,
