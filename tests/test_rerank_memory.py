@@ -10,6 +10,7 @@ prediction files must be the same bytes. No memory asserts (bench/rerank_memory.
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -133,3 +134,29 @@ def test_a_failure_half_way_leaves_the_previous_predictions_whole(tmp_path, smal
         run_rerank(mem, pools, params, types, out, {"stage": "rerank", "run": 2})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # texts_* were written first, then it failed
     assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval"]  # no temp dir left
+
+
+def test_damaged_pool_files_are_named_with_what_to_do(tmp_path, small_blocks):
+    make_project(tmp_path)
+    mem = load_retrieval_set("toy", root=tmp_path)
+    pools = tmp_path / "pools"
+    run_retrieve(mem, RETRIEVE, pools, {"embeddings_fingerprint": mem.fingerprint()})
+    params = {"top_k": 5, "pool": 20, "egr": {"pad": "agree", **EGR}, "tbr": {"absent_rank": 10000}}
+    types = load_id_types(tmp_path / "data/prepared/toy/meta.json")
+    path = pools / "i2t.parquet"
+    good, prov = pq.read_table(path), read_parquet_provenance(path)
+
+    def rerank():
+        return run_rerank(mem, pools, params, types, tmp_path / "out", {"stage": "rerank"})
+
+    sc = good.column("scores").to_pylist()
+    sc[2] = sc[2][:-1]  # one score fewer than items
+    write_parquet(good.set_column(2, "scores", [sc]).cast(good.schema), path, prov)
+    with pytest.raises(ValueError, match=rf"{path}: query '[^']+' has 20 items but 19 scores: the pool file is damaged"):
+        rerank()
+    write_parquet(pa.concat_tables([good, good.slice(0, 1)]), path, prov)  # a query twice
+    with pytest.raises(ValueError, match=r"listed more than once: \['"):
+        rerank()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    with pytest.raises(ValueError, match=rf"{path}: cannot read this pool file \(.*\); rerun `dvc repro`"):
+        rerank()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ POOL_BLOCK = 4096  # pool rows read at a time
 POOL_READ = {"pre_buffer": False, "buffer_size": 1 << 20}
 
 
+def _unreadable(p: Path, e: Exception) -> ValueError:
+    return ValueError(f"{p}: cannot read this pool file ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                      f"rerun `dvc repro` (the retrieve stage writes it)")
+
+
 def open_pool(path: str | os.PathLike, query_ids: list[str], query_file: str) -> tuple[np.ndarray, dict]:
     """(rows (Q,): the row of ``query_ids`` that each row of the pool file holds, provenance).
 
@@ -62,13 +68,18 @@ def open_pool(path: str | os.PathLike, query_ids: list[str], query_file: str) ->
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: not found; it is written by the `retrieve` stage")
-    qids = [str(x) for x in pq.read_table(p, columns=["query_id"]).column("query_id").to_pylist()]
+    try:
+        qids = [str(x) for x in pq.read_table(p, columns=["query_id"]).column("query_id").to_pylist()]
+    except Exception as e:  # not Parquet, truncated, no query_id column
+        raise _unreadable(p, e) from e
     if qids == query_ids:  # the order retrieve writes: no id -> row map (Q entries) needed
         return np.arange(len(qids), dtype=np.int64), read_parquet_provenance(p)
     rows = match_ids(query_ids, qids, query_file, p, "query")  # file row of each wanted query
     if len(qids) != len(query_ids):
         extra = sorted(set(qids) - set(query_ids))[:5]
-        raise IdMismatchError(f"{p} has {len(qids)} queries, {query_file} {len(query_ids)} (e.g. extra {extra})")
+        twice = sorted(q for q, c in Counter(qids).items() if c > 1)[:5]
+        what = f"listed more than once: {twice}" if twice else f"e.g. extra {extra}"
+        raise IdMismatchError(f"{p} has {len(qids)} queries, {query_file} {len(query_ids)} ({what})")
     out_rows = np.empty(len(rows), np.int64)
     out_rows[rows] = np.arange(len(rows))
     return out_rows, read_parquet_provenance(p)
@@ -90,10 +101,25 @@ def iter_pool(path: str | os.PathLike, out_rows: np.ndarray, query_ids: list[str
 
     p = Path(path)
     start = 0
-    for batch in pq.ParquetFile(p, **POOL_READ).iter_batches(batch_size=block, columns=["item_ids", "scores"],
-                                                             use_threads=False):
+    try:
+        batches = pq.ParquetFile(p, **POOL_READ).iter_batches(batch_size=block, columns=["item_ids", "scores"],
+                                                              use_threads=False)
+    except Exception as e:
+        raise _unreadable(p, e) from e
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged page
+            raise _unreadable(p, e) from e
+        if batch is None:
+            return
         lists = batch.column("item_ids")
         n = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+        n_sc = pc.list_value_length(batch.column("scores")).fill_null(0).to_numpy(zero_copy_only=False)
+        if np.any(n_sc != n):
+            r = int(np.flatnonzero(n_sc != n)[0])
+            raise ValueError(f"{p}: query {query_ids[out_rows[start + r]]!r} has {n[r]} items but {n_sc[r]} scores: "
+                             f"the pool file is damaged; rerun `dvc repro` (retrieve writes it)")
         flat = lists.flatten().to_pylist()
         idx = list(map(item_pos.get, flat))  # None: an id the items lack
         if None in idx:
