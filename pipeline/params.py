@@ -215,7 +215,8 @@ def check_dataset_for_stage(stage: str, item: str, data: Mapping, root: Path) ->
     """``item`` names a dataset of the kind ``stage`` runs on (from its dvc.yaml ``foreach`` list)."""
     datasets = data.get("datasets") or {}
     if item not in datasets:
-        raise ParamsError(f"params.yaml: no dataset named {item!r} in `datasets` (have: {', '.join(datasets) or 'none'})")
+        raise ParamsError(f"params.yaml: no dataset named {item!r} in `datasets` (have: {', '.join(datasets) or 'none'}); "
+                          f"add it there (README: Using a real dataset)")
     spec = ((read_yaml(root / "dvc.yaml") or {}).get("stages") or {}).get(stage) or {}
     m = _VAR.fullmatch(str(spec.get("foreach", "")).strip())
     listed = m.group(1) if m else None
@@ -234,6 +235,9 @@ def check_dataset_for_stage(stage: str, item: str, data: Mapping, root: Path) ->
         if not has_images(str(entry.get("format", ""))):
             raise ParamsError(f"{item} has no images (format {entry.get('format')}); {stage} runs only on "
                               f"datasets with images (params.yaml {listed})")
+        if item not in (data.get(listed) or []):
+            raise ParamsError(f"{item} is not in params.yaml {listed} ({', '.join(map(str, data.get(listed) or []))}), "
+                              f"the datasets {stage} runs on; add it there to run {stage} on it")
     elif item not in (data.get(listed) or []):
         raise ParamsError(f"{item} is not in params.yaml {listed}, the datasets {stage} runs on")
 

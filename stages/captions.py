@@ -10,8 +10,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params("captions", item=args.dataset)
     r = extract_captions(args.dataset, params)
+    resumed = (f", {r['parts_resumed']} finished chunk(s) of an earlier run reused "
+               f"({r['captions'] - r['captions_encoded']} captions)" if r["parts_resumed"] else "")
     print(f"captions {args.dataset}: {r['captions']} captions ({r['by_split']}), {r['entities_kept']} entities "
-          f"in {r['slots']} slots, {r['distinct_texts_encoded']} distinct texts -> features/{args.dataset}/captions")
+          f"in {r['slots']} slots, {r['distinct_texts_encoded']} distinct texts{resumed} -> "
+          f"features/{args.dataset}/captions")
 
 
 if __name__ == "__main__":

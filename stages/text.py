@@ -10,8 +10,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params("text", item=args.dataset)
     r = extract_text(args.dataset, params)
+    resumed = (f", {r['parts_resumed']} finished chunk(s) of an earlier run reused "
+               f"({r['samples'] - r['samples_encoded']} samples)" if r["parts_resumed"] else "")
     print(f"text {args.dataset}: {r['samples']} samples, {r['words']} words, {r['words_truncated']} truncated "
-          f"({r['samples_truncated']} samples), types {', '.join(r['types'])} -> features/{args.dataset}/text")
+          f"({r['samples_truncated']} samples), types {', '.join(r['types'])}{resumed} -> features/{args.dataset}/text")
 
 
 if __name__ == "__main__":

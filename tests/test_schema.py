@@ -111,7 +111,10 @@ def test_an_overridden_value_is_checked_and_says_where_it_came_from(project):
     ("score", "demo_tweets", r"^demo_tweets is an mner dataset; score needs a retrieval dataset"),
     ("evaluate", "demo_flickr", r"^demo_flickr is a retrieval dataset; evaluate needs an mner dataset"),
     ("patches", "wnut17", r"^wnut17 has no images \(format conll\); patches runs only on datasets with images"),
-    ("prepare", "nosuch", r"no dataset named 'nosuch' in `datasets` \(have: demo_tweets, demo_flickr, wnut17\)"),
+    ("prepare", "nosuch", r"no dataset named 'nosuch' in `datasets` \(have: demo_tweets, demo_flickr, wnut17\); "
+                          r"add it there \(README: Using a real dataset\)"),
+    ("regions", "demo_flickr", r"^demo_flickr is not in params.yaml region_datasets \(demo_tweets\), the datasets "
+                               r"regions runs on; add it there to run regions on it"),
 ])
 def test_the_dataset_kind_is_checked_first(project, stage, item, message):
     with pytest.raises(ParamsError, match=message):
