@@ -91,7 +91,8 @@ def test_overwritten_bytes_are_found_named_and_rebuilt_byte_identical(caches, ca
 
     # --check fails, naming the file and the dataset
     problems = check(out)
-    assert any(p.startswith("shard-00001.h5: dataset 'patch_tokens': cannot read") for p in problems), problems
+    assert any(p.startswith("shard-00001.h5: dataset 'patch_tokens': cannot read") and
+               "a chunk fails its Fletcher-32 checksum (damaged bytes)" in p for p in problems), problems
     assert main([str(out), "--check"]) == 1
     assert "shard-00001.h5: dataset 'patch_tokens'" in capsys.readouterr().out
 

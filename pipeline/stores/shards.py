@@ -270,7 +270,9 @@ def read_checked(path: str | os.PathLike, ds: h5py.Dataset, sel: Any = (), what:
     try:
         return ds[sel]
     except OSError as e:
-        raise _corrupt(path, ds.name.lstrip("/"), f"cannot read{' ' + what if what else ''} ({e})") from e
+        why = ("a chunk fails its Fletcher-32 checksum (damaged bytes)" if "filter returned failure" in str(e)
+               else str(e))
+        raise _corrupt(path, ds.name.lstrip("/"), f"cannot read{' ' + what if what else ''} ({why})") from e
 
 
 def read_ids(path: str | os.PathLike, ds: h5py.Dataset) -> list[str]:
