@@ -115,13 +115,18 @@ def test_tbr_on_blocks_of_queries_equals_one_call():
             assert whole[q].tolist() == [row[i] for i in np.argsort(key, kind="stable")]
 
 
-def test_a_failure_half_way_leaves_the_previous_predictions_whole(tmp_path, small_blocks):
+def _toy_pools(tmp_path):
+    """The toy retrieval set, its pools from a flat index, rerank params and id types."""
     make_project(tmp_path)
     mem = load_retrieval_set("toy", root=tmp_path)
     pools = tmp_path / "pools"
     run_retrieve(mem, RETRIEVE, pools, {"embeddings_fingerprint": mem.fingerprint()})
     params = {"top_k": 5, "pool": 20, "egr": {"pad": "agree", **EGR}, "tbr": {"absent_rank": 10000}}
-    types = load_id_types(tmp_path / "data/prepared/toy/meta.json")
+    return mem, pools, params, load_id_types(tmp_path / "data/prepared/toy/meta.json")
+
+
+def test_a_failure_half_way_leaves_the_previous_predictions_whole(tmp_path, small_blocks):
+    mem, pools, params, types = _toy_pools(tmp_path)
     out = tmp_path / "predictions" / "retrieval"
     run_rerank(mem, pools, params, types, out, {"stage": "rerank", "run": 1})
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -137,12 +142,7 @@ def test_a_failure_half_way_leaves_the_previous_predictions_whole(tmp_path, smal
 
 
 def test_damaged_pool_files_are_named_with_what_to_do(tmp_path, small_blocks):
-    make_project(tmp_path)
-    mem = load_retrieval_set("toy", root=tmp_path)
-    pools = tmp_path / "pools"
-    run_retrieve(mem, RETRIEVE, pools, {"embeddings_fingerprint": mem.fingerprint()})
-    params = {"top_k": 5, "pool": 20, "egr": {"pad": "agree", **EGR}, "tbr": {"absent_rank": 10000}}
-    types = load_id_types(tmp_path / "data/prepared/toy/meta.json")
+    mem, pools, params, types = _toy_pools(tmp_path)
     path = pools / "i2t.parquet"
     good, prov = pq.read_table(path), read_parquet_provenance(path)
 

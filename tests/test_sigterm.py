@@ -105,11 +105,16 @@ FORKING = textwrap.dedent('''
 ''')
 
 
+def run_script(tmp_path: Path, text: str) -> subprocess.Popen:
+    """Start a stage-like script (``text``) with the argument ``ds``; its stdout and stderr piped."""
+    script = tmp_path / "stage_script.py"
+    script.write_text(text)
+    return subprocess.Popen([sys.executable, str(script), "ds"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_a_forked_child_dies_of_sigterm_as_by_default(tmp_path):
-    script = tmp_path / "forking_stage.py"
-    script.write_text(FORKING)
-    p = subprocess.Popen([sys.executable, str(script), "ds"], env={**os.environ, "PYTHONPATH": str(REPO)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = run_script(tmp_path, FORKING)
     first = {p.stdout.readline().strip() for _ in range(2)}  # the child's pid and its "ready", in either order
     (pid,) = first - {"ready"}
     os.kill(int(pid), signal.SIGTERM)
@@ -163,10 +168,7 @@ IN_FINALIZER = textwrap.dedent('''
 
 
 def test_a_sigterm_during_a_finalizer_still_terminates(tmp_path):
-    script = tmp_path / "finalizer_stage.py"
-    script.write_text(IN_FINALIZER)
-    p = subprocess.Popen([sys.executable, str(script), "ds"], env={**os.environ, "PYTHONPATH": str(REPO)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = run_script(tmp_path, IN_FINALIZER)
     assert p.stdout.readline() == "cleaning\n"
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=30)
