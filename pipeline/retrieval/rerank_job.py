@@ -105,7 +105,8 @@ def run_rerank(rs: RetrievalSet, pool_dir: str | os.PathLike, params: Mapping[st
             t0 = time.perf_counter()
             timings["egr_s"] += t0 - t1
         timings["load_s"] += time.perf_counter() - t0
-        _check_width(d, longest, pool, len(items), pool_dir)
+        if len(qids):  # a direction without queries has no lists, so no width to check
+            _check_width(d, longest, pool, len(items), pool_dir)
         del pos
 
     t0 = time.perf_counter()
