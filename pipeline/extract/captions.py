@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import fingerprint, fingerprint_stream, package_versions, temp_leftovers
+from pipeline.artifacts import fingerprint, fingerprint_stream, package_versions
 from pipeline.extract.common import (PACKAGES, ExtractError, positive_int, features_dir, prepared_dir,
                                      resolve_device, setup_torch, write_report)
 
@@ -147,8 +147,6 @@ def extract_captions(dataset: str, params: Mapping[str, Any], out_dir: str | os.
                   "inputs_sha": inputs_sha, "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
     out = Path(out_dir) if out_dir else features_dir(dataset, "captions")
     parts = ChunkParts(out, run_fp, verify=_verify_part)
-    for leftover in temp_leftovers(out):  # a killed run's unfinished files (this stage is the dir's only writer)
-        leftover.unlink()
     totals: Counter = Counter()
     splits: Counter = Counter()
     too_long: int | None = 0

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import fingerprint, fingerprint_stream, package_versions, temp_leftovers
+from pipeline.artifacts import fingerprint, fingerprint_stream, package_versions
 from pipeline.encoders.text import CHUNK_SAMPLES
 from pipeline.extract.common import (PACKAGES, ExtractError, features_dir, positive_int, prepared_dir, resolve_device,
                                      setup_torch, write_report)
@@ -148,8 +148,6 @@ def extract_text(dataset: str, params: Mapping[str, Any], out_dir: str | os.Path
                   "inputs_sha": inputs_sha, "packages": package_versions(*PACKAGES), "fingerprint": run_fp}
     out = Path(out_dir) if out_dir else features_dir(dataset, "text")
     parts = ChunkParts(out, run_fp, verify=_verify_part)
-    for leftover in temp_leftovers(out):  # a killed run's unfinished files (this stage is the dir's only writer)
-        leftover.unlink()
     n_words = array("i")  # per-sample counts for the report, 4 bytes each (the features are not kept)
     n_kept = array("i")
     empty = array("i")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import temp_leftovers, write_json
 
 DONE_FILE = "done.json"
 PARTS_SUFFIX = ".parts"
@@ -51,7 +51,8 @@ def _remove(path: Path) -> None:
 
 
 class ChunkParts:
-    """The parts of one run (``fingerprint``) of a stage writing ``out_dir``.
+    """The parts of one run (``fingerprint``) of a stage writing ``out_dir``; temp files a killed
+    run left in ``out_dir`` are removed when it is made.
 
     ``verify(part_dir, provenance, ids, stats)`` raises if a done part cannot be trusted: its
     tables must carry ``provenance`` (this part of this run), hold exactly the chunk's ``ids``
@@ -74,6 +75,8 @@ class ChunkParts:
                     _remove(p)
         if self.dir.exists() and not self.dir.is_dir():
             _remove(self.dir)
+        for leftover in temp_leftovers(out_dir):  # a killed run's unfinished files (one stage writes this dir)
+            leftover.unlink()
 
     def path(self, k: int) -> Path:
         return self.dir / f"part-{k:05d}"
